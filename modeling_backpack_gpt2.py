@@ -257,6 +257,11 @@ def fused_weighted_sense_sum(
     Shapes: queries (batch, k, query, d/k), keys (batch, k, key, d/k), senses (batch, k, key, d) ->
     o (batch, query, d).
     """
+    if queries.device.type == "cpu" and queries.shape[2] > 1 and queries.shape[-1] != senses.shape[-1]:
+        # CPU's fused (flash) kernel wants one head size for q, k and v; zero-padding q and k to d keeps q·k as is.
+        # (CUDA's memory-efficient and cuDNN kernels take the senses' larger head size directly.)
+        padding = (0, senses.shape[-1] - queries.shape[-1])
+        queries, keys = F.pad(queries, padding), F.pad(keys, padding)
     output = F.scaled_dot_product_attention(
         queries, keys, senses, attn_mask=allowed, is_causal=is_causal, scale=scaling
     )
@@ -290,6 +295,12 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
     with the tied word embedding.
     """
 
+    # The published aliases are the same modules; declaring them lets safetensors store each tensor once.
+    _tied_weights_keys = {
+        "word_embeddings.weight": "gpt2_model.wte.weight",
+        "position_embeddings.weight": "gpt2_model.wpe.weight",
+    }
+
     def __init__(self, config: BackpackGPT2Config):
         super().__init__(config)
         self.embed_dim = config.n_embd
@@ -315,12 +326,18 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
     # --- senses ---------------------------------------------------------------------------------------------
 
     def compute_senses(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """C(x) for every token, with any sense edits applied: (batch, seq) -> (batch, k, seq, d)."""
-        senses = self.sense_network(self.word_embeddings(input_ids))
+        """C(x) for every token, with any sense edits applied: (batch, seq) -> (batch, k, seq, d).
+
+        C(x) depends on the word alone, so it is computed once per distinct token of the batch and gathered: real
+        text repeats words, and the sense network is the Backpack's most expensive per-token part. (In training a
+        word's dropout mask is therefore shared by its occurrences within the batch.)
+        """
+        words, positions = torch.unique(input_ids, return_inverse=True)
+        word_senses = self.sense_network(self.word_embeddings(words)[None])[0]  # (k, words, d)
         for token_id, edited in self.sense_edits.items():
-            positions = (input_ids == token_id)[:, None, :, None]  # (batch, 1, seq, 1)
-            senses = torch.where(positions, edited.to(senses)[None, :, None, :], senses)
-        return senses
+            word_senses = torch.where((words == token_id)[None, :, None], edited.to(word_senses)[:, None], word_senses)
+        sense_index = torch.arange(self.num_senses, device=input_ids.device)[None, :, None]
+        return word_senses[sense_index, positions[:, None, :]]  # (batch, k, seq, d)
 
     # --- forward --------------------------------------------------------------------------------------------
 
