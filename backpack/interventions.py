@@ -267,6 +267,7 @@ def predicted_scale_effect(
     input_ids (batch, key) -> (batch, query, vocab).
     """
     hit = torch.isin(input_ids, torch.as_tensor(list(token_ids), device=input_ids.device)).to(senses.dtype)
-    weights = contextualization[:, sense] * hit[:, None, :]  # (batch, query, key)
-    moved = torch.matmul(weights, senses[:, sense])  # (batch, query, d): Σ_j α[ℓ,i,j] C(x_j)[ℓ]
-    return (gamma - 1.0) * moved @ output_embeddings.T
+    with torch.no_grad():
+        weights = contextualization[:, sense] * hit[:, None, :]  # (batch, query, key)
+        moved = torch.matmul(weights, senses[:, sense])  # (batch, query, d): Σ_j α[ℓ,i,j] C(x_j)[ℓ]
+        return (gamma - 1.0) * moved @ output_embeddings.T
