@@ -1,0 +1,190 @@
+"""Training configuration: dataclasses of every key, YAML config files, and command-line overrides.
+
+A run is described by flat keys (``n_embd``, ``learning_rate``, ``dataset`` ...). Their defaults are the paper's
+recipe (AdamW, peak lr 6e-4, 5,000 warm-up steps then linear decay to zero, 100,000 steps of ~524,288 tokens);
+``--config train/configs/<name>.yaml`` replaces some of them, and ``--key value`` on the command line replaces
+any of them again. Parsing is ``transformers.HfArgumentParser`` over the dataclasses below.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+@dataclass
+class DataArguments:
+    """Where the text comes from and how it is tokenised, packed, split and cached."""
+
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset name (e.g. openwebtext) or local dataset folder. Neither this nor "
+                  "--data_files: the embedded offline corpus (gensim's Wikipedia sample + Lee news corpus)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of --dataset."})
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Local .txt / .jsonl / .json / .parquet files (globs allowed)."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the documents' text."})
+    text_sample_by: Literal["paragraph", "document", "line"] = field(
+        default="paragraph", metadata={"help": "What one document is in a .txt file."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream --dataset instead of downloading it."})
+    validation_fraction: float = field(
+        default=0.05, metadata={"help": "Share of documents held out when the source has no validation split."}
+    )
+    validation_documents: int = field(
+        default=1000, metadata={"help": "Documents held out from a streamed dataset with no validation split."}
+    )
+    max_documents: int | None = field(default=None, metadata={"help": "Use only the first N training documents."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for Dataset.map (default: CPU count)."})
+    data_cache_dir: str = field(
+        default=os.path.join("~", ".cache", "backpack", "pretrain-data"),
+        metadata={"help": "Where tokenised, packed datasets are kept so later runs start at once."},
+    )
+    data_seed: int = field(default=1111, metadata={"help": "Seed of the train/validation document split."})
+
+
+@dataclass
+class TrainArguments:
+    """Model shape, optimisation recipe, loop, checkpointing and logging."""
+
+    # --- model ---
+    model: Literal["backpack", "gpt2"] = field(
+        default="backpack", metadata={"help": "backpack, or gpt2: the plain Transformer of the same size."}
+    )
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_positions: int = 512
+    num_senses: int = 16
+    sense_intermediate_scale: int = 4
+    vocab_size: int = field(default=50264, metadata={"help": "GPT-2's 50,257 subwords padded to a multiple of 8."})
+    dropout: float = field(default=0.1, metadata={"help": "Embedding, residual and attention dropout."})
+    # --- optimisation (the paper's recipe) ---
+    max_steps: int = 100_000
+    learning_rate: float = 6e-4
+    warmup_steps: int = 5000
+    lr_scheduler: str = field(default="linear", metadata={"help": "Any transformers.get_scheduler name."})
+    weight_decay: float = field(default=0.1, metadata={"help": "Not applied to biases and LayerNorm weights."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    tokens_per_step: int = field(
+        default=524_288, metadata={"help": "Tokens per optimizer step, reached by gradient accumulation."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per device per forward pass."})
+    gradient_accumulation_steps: int | None = field(
+        default=None, metadata={"help": "Overrides the value derived from tokens_per_step."}
+    )
+    seed: int = 1111
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
+        default=None, metadata={"help": "Default: whatever `accelerate launch` / its config says."}
+    )
+    cpu: bool = field(
+        default=False, metadata={"help": "Train on CPU even where a GPU is available (implied when none is)."}
+    )
+    gradient_checkpointing: bool = False
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (Accelerate's dynamo backend)."})
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = field(default=1000, metadata={"help": "Validate every N steps (and at start and end)."})
+    eval_batches: int | None = field(
+        default=100, metadata={"help": "Validation batches per evaluation, all processes together (None: all)."}
+    )
+    log_interval: int = 10
+    save_interval: int = 5000
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (oldest removed)."})
+    output_dir: str = "outputs/backpack"
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    stop_at_step: int | None = field(
+        default=None,
+        metadata={"help": "Save and stop after this step without changing the schedule (jobs split in chunks)."},
+    )
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none."})
+    run_name: str = "pretrain"
+
+
+def _yaml_values(path: str) -> dict:
+    """Read a config file (a name in train/configs/ or a path) into a flat dict, checking its keys."""
+    if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, f"{path}.yaml")):
+        path = os.path.join(CONFIG_DIR, f"{path}.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path} (choose one of {available_configs()} or a path)")
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def available_configs() -> list[str]:
+    """Names of the YAML configs shipped in train/configs/."""
+    return sorted(name[: -len(".yaml")] for name in os.listdir(CONFIG_DIR) if name.endswith(".yaml"))
+
+
+def parse_args(
+    dataclass_types: tuple[type, ...], argv: list[str] | None = None, description: str | None = None
+) -> tuple:
+    """Parse ``[--config FILE] [--key value ...]`` into instances of ``dataclass_types``.
+
+    The YAML file's values become the parser's defaults, so anything on the command line wins over them;
+    an unknown key in either place is an error that names it.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types, description=description)
+    parser.add_argument("--config", default=None, help=f"YAML file or one of: {', '.join(available_configs())}")
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path is not None:
+        values = _yaml_values(config_path)
+        known = {f.name for cls in dataclass_types for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    parsed = tuple(args for args in parsed if isinstance(args, dataclass_types))  # drop the --config namespace
+    for args in parsed:
+        if hasattr(args, "n_positions"):
+            validate_train_args(args)
+    return parsed
+
+
+def validate_train_args(args: TrainArguments) -> None:
+    """Reject inconsistent settings before any data or model is touched."""
+    positive = ("n_embd", "n_layer", "n_head", "n_positions", "num_senses", "max_steps", "batch_size",
+                "tokens_per_step", "eval_interval", "log_interval", "save_interval")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup_steps < 0 or args.learning_rate <= 0:
+        raise ValueError("warmup_steps must be >= 0 and learning_rate > 0")
+    if args.model == "backpack" and args.n_embd % args.num_senses:
+        raise ValueError(f"n_embd ({args.n_embd}) must be divisible by num_senses ({args.num_senses})")
+    if args.n_embd % args.n_head:
+        raise ValueError(f"n_embd ({args.n_embd}) must be divisible by n_head ({args.n_head})")
+
+
+def gradient_accumulation_steps(args: TrainArguments, num_processes: int) -> int:
+    """Micro-batches per optimizer step so that one step sees about ``tokens_per_step`` tokens."""
+    if args.gradient_accumulation_steps is not None:
+        return args.gradient_accumulation_steps
+    tokens_per_micro_step = args.batch_size * args.n_positions * num_processes
+    return max(1, round(args.tokens_per_step / tokens_per_micro_step))
+
+
+def as_dict(*args_objects) -> dict:
+    """All keys of the given dataclass instances as one flat dict (for trackers and the export JSON)."""
+    merged: dict = {}
+    for args in args_objects:
+        merged.update(asdict(args))
+    return merged

@@ -1,0 +1,286 @@
+"""Training data: documents from the Hub, local files or the embedded offline corpus, tokenised and packed.
+
+Every source becomes a ``DatasetDict`` with ``train`` and ``validation`` splits of documents (one text column).
+``Dataset.map`` then tokenises them with the GPT-2 tokenizer and packs them into blocks of ``n_positions + 1``
+tokens: each document is preceded by EOS (so EOS separates documents and every document token is a target),
+and consecutive blocks overlap by one token, so block ``i`` is ``stream[i*n : i*n + n + 1]`` and every token of
+the stream after the first is predicted exactly once. The last, shorter block of each map batch is padded with
+``PAD_TOKEN`` (-100), which the collator turns into ignored targets: no token is dropped. The packed splits are
+saved to disk under a key of everything that produced them, so a second run loads them at once.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from train.config import DataArguments
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN = -100  # fills the end of a map batch's last block; becomes an ignored target
+FORMAT_VERSION = 1  # bump when packing changes, so stale caches are not reused
+GENSIM_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+GENSIM_LEE_FILE = "lee_background.cor"
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# --- sources ---------------------------------------------------------------------------------------------------
+
+
+def gensim_test_data(name: str) -> str:
+    """Path of a file that ships inside gensim's wheel (gensim/test/test_data/)."""
+    try:
+        import gensim
+    except ImportError as error:
+        raise ImportError("the embedded default corpus needs gensim: pip install gensim") from error
+    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"gensim's wheel lacks {name} (looked at {path}); pass --dataset or --data_files")
+    return path
+
+
+def wiki_article_text(markup: str) -> str:
+    """Plain text of one article's wiki markup: gensim's ``filter_wiki`` plus bold/italic quotes and headings."""
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(markup)
+    text = re.sub(r"'{2,}", "", text)  # ''italic'' and '''bold'''
+    text = re.sub(r"^\s*=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.MULTILINE)  # == Heading == -> Heading
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def embedded_documents() -> list[dict]:
+    """The offline default corpus: gensim's Wikipedia sample articles and the Lee news corpus.
+
+    Redirects, non-article namespaces and stubs shorter than gensim's ``ARTICLE_MIN_WORDS`` are dropped, as
+    gensim's ``WikiCorpus`` does.
+    """
+    from gensim.corpora.wikicorpus import ARTICLE_MIN_WORDS, extract_pages
+
+    documents = []
+    with bz2.open(gensim_test_data(GENSIM_WIKI_FILE), "rb") as handle:
+        for title, markup, _page_id in extract_pages(handle, filter_namespaces=("0",)):
+            if markup.lstrip().lower().startswith("#redirect"):
+                continue
+            text = wiki_article_text(markup)
+            if len(text.split()) >= ARTICLE_MIN_WORDS:
+                documents.append({"text": text, "source": f"wikipedia:{title}"})
+    with open(gensim_test_data(GENSIM_LEE_FILE), encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle):
+            if line.strip():
+                documents.append({"text": line.strip(), "source": f"lee:{number}"})
+    return documents
+
+
+def resolve_data_files(patterns: list[str]) -> list[str]:
+    """Expand globs and check every file exists and has a supported extension, naming any that does not."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise FileNotFoundError(f"data file not found: {pattern}")
+        files.extend(matches)
+    builders = {FILE_BUILDERS.get(os.path.splitext(path)[1].lower()) for path in files}
+    if None in builders:
+        bad = [path for path in files if os.path.splitext(path)[1].lower() not in FILE_BUILDERS]
+        raise ValueError(f"unsupported data file type: {bad[0]} (use {', '.join(sorted(FILE_BUILDERS))})")
+    if len(builders) > 1:
+        raise ValueError(f"data files mix formats ({', '.join(sorted(builders))}); pass one kind at a time")
+    return files
+
+
+def check_data_source(args: DataArguments) -> None:
+    """Fail early, before any model is built, when the requested data cannot exist."""
+    if args.dataset and args.data_files:
+        raise ValueError("pass either --dataset or --data_files, not both")
+    if args.data_files:
+        resolve_data_files(args.data_files)
+    elif args.dataset is None:
+        gensim_test_data(GENSIM_WIKI_FILE), gensim_test_data(GENSIM_LEE_FILE)
+    if not 0 < args.validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {args.validation_fraction}")
+
+
+def load_documents(args: DataArguments) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """The documents of the requested source, as ``train`` and ``validation`` splits with a ``text`` column."""
+    check_data_source(args)
+    if args.data_files:
+        files = resolve_data_files(args.data_files)
+        builder = FILE_BUILDERS[os.path.splitext(files[0])[1].lower()]
+        extra = {"sample_by": args.text_sample_by} if builder == "text" else {}
+        raw = datasets.load_dataset(builder, data_files={"train": files}, streaming=args.streaming, **extra)
+    elif args.dataset:
+        raw = _load_hub_dataset(args)
+    else:
+        raw = datasets.DatasetDict({"train": datasets.Dataset.from_list(embedded_documents())})
+    if "train" not in raw:
+        raise ValueError(f"dataset {args.dataset} has no train split (splits: {', '.join(raw)})")
+    if args.text_column not in (raw["train"].column_names or [args.text_column]):
+        raise ValueError(
+            f"no column '{args.text_column}' in the data (columns: {', '.join(raw['train'].column_names)}); "
+            "set --text_column"
+        )
+    return _split(raw, args)
+
+
+def _load_hub_dataset(args: DataArguments) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """``load_dataset`` (or ``load_from_disk`` for a saved folder), turning its failures into one clear error."""
+    if os.path.isdir(args.dataset) and os.path.exists(os.path.join(args.dataset, "dataset_dict.json")):
+        return datasets.load_from_disk(args.dataset)
+    try:
+        return datasets.load_dataset(args.dataset, args.dataset_config, streaming=args.streaming)
+    except Exception as error:  # DatasetNotFoundError, ConnectionError, FileNotFoundError, ... all mean the same
+        raise FileNotFoundError(
+            f"could not load dataset '{args.dataset}' (config {args.dataset_config}): {error}. Check the name, "
+            "your connection to the Hub, or use --data_files for local files."
+        ) from error
+
+
+def _split(raw, args: DataArguments):
+    """Keep the source's validation split, or hold out documents (by document, never inside one)."""
+    train = raw["train"]
+    streaming = isinstance(train, datasets.IterableDataset)
+    if "validation" in raw:
+        validation = raw["validation"]
+    elif streaming:
+        validation, train = train.take(args.validation_documents), train.skip(args.validation_documents)
+    else:
+        parts = train.train_test_split(test_size=args.validation_fraction, seed=args.data_seed)
+        train, validation = parts["train"], parts["test"]
+    if args.max_documents is not None:
+        train = train.take(args.max_documents) if streaming else train.select(range(min(args.max_documents,
+                                                                                        len(train))))
+    if streaming:
+        return datasets.IterableDatasetDict({"train": train, "validation": validation})
+    return datasets.DatasetDict({"train": train, "validation": validation})
+
+
+# --- tokenising and packing ------------------------------------------------------------------------------------
+
+
+def pack_documents(token_lists: list[list[int]], eos_token_id: int, block_size: int) -> list[list[int]]:
+    """Join documents as ``EOS doc EOS doc ...`` and cut the stream into blocks of ``block_size`` tokens.
+
+    Consecutive blocks overlap by one token (the last input of one block is the first of the next), so every
+    token after the first is a target exactly once; the last block is padded with ``PAD_TOKEN``.
+    """
+    stream = []
+    for tokens in token_lists:
+        stream.append(eos_token_id)
+        stream.extend(tokens)
+    stride = block_size - 1
+    blocks = []
+    for start in range(0, max(len(stream) - 1, 0), stride):
+        block = stream[start : start + block_size]
+        blocks.append(block + [PAD_TOKEN] * (block_size - len(block)))
+    return blocks
+
+
+def _tokenize_and_pack(batch: dict, tokenizer, text_column: str, block_size: int) -> dict:
+    """``Dataset.map`` function: a batch of documents -> a batch of packed blocks."""
+    token_lists = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+    return {"input_ids": pack_documents(token_lists, tokenizer.eos_token_id, block_size)}
+
+
+def tokenize_and_pack(
+    documents: datasets.Dataset | datasets.IterableDataset,
+    tokenizer,
+    block_size: int,
+    text_column: str = "text",
+    num_proc: int | None = None,
+):
+    """Tokenise and pack one split with ``Dataset.map``; the result has one ``input_ids`` column."""
+    kwargs = {"fn_kwargs": {"tokenizer": tokenizer, "text_column": text_column, "block_size": block_size},
+              "batched": True, "remove_columns": documents.column_names}
+    if isinstance(documents, datasets.Dataset):
+        num_proc = num_proc or os.cpu_count() or 1
+        kwargs.update(num_proc=min(num_proc, max(1, len(documents) // 1000)) if num_proc > 1 else None,
+                      desc=f"Tokenising and packing into blocks of {block_size}")
+    return documents.map(_tokenize_and_pack, **kwargs)
+
+
+def _cache_key(args: DataArguments, tokenizer, block_size: int) -> str:
+    """Hash of everything that determines the packed splits (files by path, size and modification time)."""
+    if args.data_files:
+        source = [(path, os.path.getsize(path), os.path.getmtime(path)) for path in resolve_data_files(args.data_files)]
+    elif args.dataset:
+        source = [args.dataset, args.dataset_config]
+    else:
+        source = ["embedded", GENSIM_WIKI_FILE, GENSIM_LEE_FILE, os.path.getsize(gensim_test_data(GENSIM_WIKI_FILE))]
+    spec = {"source": source, "text_column": args.text_column, "sample_by": args.text_sample_by,
+            "validation_fraction": args.validation_fraction, "max_documents": args.max_documents,
+            "data_seed": args.data_seed, "block_size": block_size, "vocab": len(tokenizer),
+            "eos": tokenizer.eos_token_id, "format": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_datasets(args: DataArguments, tokenizer, block_size: int):
+    """Packed ``train`` / ``validation`` splits: loaded from the disk cache, or built and saved there.
+
+    Streamed sources are packed on the fly (the validation split is materialised, it is small) and not cached.
+    Under several processes call this inside ``accelerator.main_process_first()`` so only one builds the cache.
+    """
+    check_data_source(args)
+    if args.streaming:
+        documents = load_documents(args)
+        train = tokenize_and_pack(documents["train"], tokenizer, block_size, args.text_column)
+        blocks = tokenize_and_pack(documents["validation"], tokenizer, block_size, args.text_column)
+        validation = datasets.Dataset.from_list(list(blocks))
+        return datasets.IterableDatasetDict({"train": train, "validation": validation})
+    cache = os.path.join(os.path.expanduser(args.data_cache_dir), _cache_key(args, tokenizer, block_size))
+    if os.path.exists(os.path.join(cache, "dataset_dict.json")):
+        logger.info("Loading packed data from %s", cache)
+        return datasets.load_from_disk(cache)
+    documents = load_documents(args)
+    packed = datasets.DatasetDict(
+        {split: tokenize_and_pack(docs, tokenizer, block_size, args.text_column, args.num_proc)
+         for split, docs in documents.items() if split in ("train", "validation")}
+    )
+    for split, blocks in packed.items():
+        if len(blocks) == 0:
+            raise ValueError(f"the {split} split holds no text to train on (column '{args.text_column}')")
+    # Write beside the final path and rename, so an interrupted run never leaves a half-written cache.
+    partial = f"{cache}.partial-{os.getpid()}"
+    packed.save_to_disk(partial)
+    os.replace(partial, cache)
+    return datasets.load_from_disk(cache)
+
+
+# --- batches ---------------------------------------------------------------------------------------------------
+
+
+def collate_blocks(examples: list[dict], eos_token_id: int = 50256) -> dict[str, torch.Tensor]:
+    """Stack blocks of ``n + 1`` tokens into inputs ``block[:-1]`` and targets ``block[1:]`` (padding -> -100)."""
+    blocks = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
+    inputs = blocks[:, :-1].masked_fill(blocks[:, :-1] == PAD_TOKEN, eos_token_id)
+    return {"input_ids": inputs, "targets": blocks[:, 1:].clone()}
+
+
+def make_dataloaders(packed, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training batches (full batches only) and ordered validation batches.
+
+    Each loader has its own seeded generator so that starting an epoch never draws from the global RNG: a
+    resumed run then sees the same dropout masks as an uninterrupted one.
+    """
+    train, validation = packed["train"], packed["validation"]
+    streaming = isinstance(train, datasets.IterableDataset)
+    if streaming:
+        train = train.shuffle(seed=seed, buffer_size=10_000)
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=not streaming, drop_last=True,
+                              collate_fn=collate_blocks, generator=torch.Generator().manual_seed(seed))
+    validation_loader = DataLoader(validation, batch_size=batch_size, shuffle=False, collate_fn=collate_blocks,
+                                   generator=torch.Generator().manual_seed(seed))
+    if not streaming and len(train_loader) == 0:
+        raise ValueError(f"the training split has {len(train)} blocks, fewer than one batch of {batch_size}")
+    return train_loader, validation_loader

@@ -1,0 +1,61 @@
+"""Next-token loss on packed blocks, and validation loss / perplexity over a loader."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of every target token (batch, seq); ignored targets (-100) get 0.
+
+    The loss is computed here rather than by the model because a block's targets are ``block[1:]``, not the
+    inputs shifted inside the model: that way every token of a block of ``n + 1`` is a target.
+    """
+    # Packed blocks have no padding; the explicit all-ones mask says so (EOS doubles as the pad token).
+    inputs = batch["input_ids"]
+    logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100,
+                           reduction="none").view_as(batch["targets"])
+
+
+def next_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the batch's target tokens."""
+    losses = token_losses(model, batch)
+    return losses.sum() / (batch["targets"] != -100).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, accelerator, max_batches: int | None = None,
+             desc: str = "validation") -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over (the first ``max_batches`` batches of) ``loader``.
+
+    ``max_batches`` counts batches of all processes together.
+
+    Per-sequence sums are gathered with ``gather_for_metrics``, which drops the samples Accelerate repeats to
+    even out the last batch across processes, so the result is exact under any number of processes.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    batches = len(loader)  # per process
+    if max_batches is not None:  # counted over all processes, so any number of processes sees the same batches
+        batches = min(batches, math.ceil(max_batches / accelerator.num_processes))
+    progress = tqdm(total=batches, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    for index, batch in enumerate(loader):
+        if index >= batches:
+            break
+        losses = token_losses(model, batch)
+        sums, counts = accelerator.gather_for_metrics(
+            (losses.sum(dim=1), (batch["targets"] != -100).sum(dim=1))
+        )
+        total_loss += sums.double().sum().item()
+        total_tokens += int(counts.sum().item())
+        progress.update(1)
+    progress.close()
+    model.train(was_training)
+    loss = total_loss / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens}
