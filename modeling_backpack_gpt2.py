@@ -25,6 +25,7 @@ This module imports only torch and transformers, so it travels to the Hub on its
 ``configuration_backpack_gpt2.py``.
 """
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -48,6 +49,15 @@ except ImportError:  # As a top-level module installed by setup.py.
 
 SenseWeights = torch.Tensor | Callable[[torch.LongTensor, int], torch.Tensor]
 
+# transformers 5.24 renamed `past_key_values` to `cache`; speak to the installed GPT-2 in its own words.
+_GPT2_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
+
+
+def _expose_legacy_cache_name(output: ModelOutput) -> None:
+    """Before transformers 5.24, `generate()` reads the cache from the output's `past_key_values` key."""
+    if _GPT2_CACHE_ARGUMENT == "past_key_values" and output.cache is not None:
+        output["past_key_values"] = output.cache
+
 
 @dataclass
 class BackpackGPT2BaseModelOutput(ModelOutput):
@@ -55,7 +65,8 @@ class BackpackGPT2BaseModelOutput(ModelOutput):
 
     Args:
         last_hidden_state: Backpack output `o = Σ_j Σ_ℓ α[ℓ,i,j] C(x_j)[ℓ]`, (batch, seq, d).
-        cache: The cache to continue decoding from, when `use_cache`.
+        cache: The cache to continue decoding from, when `use_cache` (before transformers 5.24, also under that
+            version's name `past_key_values`, where its `generate()` looks for it).
         hidden_states: GPT-2 contextualization network states, one per layer plus the embeddings, when
             `output_hidden_states`.
         contextualization: α, (batch, senses, query, key), when `output_contextualization`.
@@ -68,10 +79,9 @@ class BackpackGPT2BaseModelOutput(ModelOutput):
     contextualization: torch.FloatTensor | None = None
     senses: torch.FloatTensor | None = None
 
-    @property
-    def past_key_values(self) -> Cache | None:
-        """The cache under its pre-5.x name."""
-        return self.cache
+    def __post_init__(self):
+        super().__post_init__()
+        _expose_legacy_cache_name(self)
 
 
 @dataclass
@@ -91,10 +101,9 @@ class BackpackGPT2LMHeadModelOutput(ModelOutput):
     contextualization: torch.FloatTensor | None = None
     senses: torch.FloatTensor | None = None
 
-    @property
-    def past_key_values(self) -> Cache | None:
-        """The cache under its pre-5.x name."""
-        return self.cache
+    def __post_init__(self):
+        super().__post_init__()
+        _expose_legacy_cache_name(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,7 +442,7 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         # 2. Contextualization: GPT-2 states -> per-sense queries and keys.
         contextual = self.gpt2_model(
             input_ids,
-            cache=cache,
+            **{_GPT2_CACHE_ARGUMENT: cache},
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
