@@ -1,0 +1,212 @@
+"""Backpack GPT-2 vs GPT-2: speed and memory, side by side in one run (issue 6).
+
+    python bench/run.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                        [--config tiny|micro|mini|small] [--attn sdpa|eager|flash_attention_2]
+                        [--data wiki|lee|random] [--json OUT.json] [--plot OUT.png]
+
+Measures forward and training-step time against the matched `GPT2LMHeadModel`, greedy generation (cached,
+full-prefix recompute as the published code must do, and GPT-2's cached `generate`), per-token decoding latency
+at two positions, training-step peak memory of the fused vs materialised sense sum, and on CUDA the model FLOP
+utilisation and the paper's Table 7. Writes every raw timing and the headline ratios to JSON and prints a
+markdown table. Targets are reported, never enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `python bench/run.py` from a clone, without installing anything
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bench.configs import MODEL_SIZES, BenchSizes, build_models, default_sizes, parameter_count  # noqa: E402
+from bench.data import DATA_SOURCES, TokenBatches  # noqa: E402
+from bench.measure import (  # noqa: E402
+    bench_forward,
+    bench_generate,
+    bench_latency,
+    bench_mfu,
+    bench_table7,
+    bench_train_step,
+)
+from bench.memory import MEMORY_PATHS, bench_memory  # noqa: E402
+from bench.report import RATIO_KEYS, TARGETS, headline_ratios, markdown_table, plot_ratios, target_met  # noqa: E402
+
+ALL_SECTIONS = ("forward", "train", "generate", "latency", "memory", "mfu", "table7")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (< 3 min on 2 CPU cores, micro)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--config", choices=tuple(MODEL_SIZES), default="micro")
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa",
+                        help="attention implementation of both models")
+    parser.add_argument("--data", choices=DATA_SOURCES, default="wiki",
+                        help="token ids: real text (gensim's Wikipedia or Lee sample) or uniform random")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated subset of {','.join(ALL_SECTIONS)} (default: all that apply; "
+                             "mfu and table7 on CUDA only)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write all results here")
+    parser.add_argument("--plot", default=None, help="write a PNG chart of the ratios here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="measure CPU memory in this process instead of fresh subprocesses (less clean)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def chosen_sections(args: argparse.Namespace) -> tuple[str, ...]:
+    """Sections to run: the requested ones, or every one that applies to the device."""
+    if args.sections:
+        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        unknown = set(sections) - set(ALL_SECTIONS)
+        if unknown:
+            raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {ALL_SECTIONS}")
+        return sections
+    return ALL_SECTIONS if args.device == "cuda" else ALL_SECTIONS[:5]
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of the accelerator or CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def progress_total(sections: tuple[str, ...], sizes: BenchSizes) -> int:
+    """Number of progress-bar ticks the run will make."""
+    per_section = {
+        "forward": sizes.reps,
+        "train": sizes.reps,
+        "generate": len(sizes.generate_batches) * sizes.generate_reps
+        + len(set(sizes.recompute_batches) & set(sizes.generate_batches)),
+        "latency": 1,
+        "memory": len(sizes.memory_seqs) * len(MEMORY_PATHS),
+        "table7": len(sizes.table7_configs),
+    }
+    return sum(per_section.get(section, 0) for section in sections)
+
+
+def run_benchmarks(args: argparse.Namespace, sizes: BenchSizes) -> dict:
+    """Every requested measurement, in one process, with the headline ratios."""
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = chosen_sections(args)
+    n_positions = max(512, sizes.prompt_len + sizes.new_tokens, max(sizes.latency_positions) + 1)
+    need_tokens = max(sizes.forward_batch, sizes.train_batch, sizes.table7_batch) * sizes.seq * 2 + 200_000
+    data = TokenBatches(args.data, need_tokens, 50264, args.seed)
+    backpack, gpt2 = build_models(args.config, n_positions, args.attn, device, dtype, args.seed)
+
+    results: dict = {
+        "device": device.type,
+        "meta": {
+            "device_name": device_name(device),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "config": args.config,
+            "model_size": MODEL_SIZES[args.config],
+            "num_senses": backpack.config.num_senses,
+            "n_positions": n_positions,
+            "parameters": {"backpack": parameter_count(backpack), "gpt2": parameter_count(gpt2)},
+            "dtype": str(dtype).removeprefix("torch."),
+            "attn_implementation": args.attn,
+            "data": args.data,
+            "data_note": ("real text: GPT-2 tokens of gensim's shipped sample; the Backpack's sense network "
+                          "runs once per distinct token") if args.data != "random" else "uniform random token ids",
+            "distinct_token_fraction": {
+                f"{sizes.forward_batch}x{sizes.seq}": data.distinct_fraction(sizes.forward_batch, sizes.seq)},
+            "quick": args.quick,
+            "sizes": sizes.as_dict(),
+            "sections": list(sections),
+            "timing": "interleaved repetitions after warm-up, medians compared"
+                      + ("; CUDA-synchronised" if device.type == "cuda" else ""),
+        },
+    }
+    bar = tqdm(total=progress_total(sections, sizes), desc="bench", unit="step", file=sys.stderr)
+
+    def tick() -> None:
+        bar.update(1)
+
+    steps = {
+        "forward": lambda: bench_forward(backpack, gpt2, data, sizes, device, tick),
+        "train": lambda: bench_train_step(backpack, gpt2, data, sizes, device, tick),
+        "generate": lambda: bench_generate(backpack, gpt2, data, sizes, device, tick),
+        "latency": lambda: bench_latency(backpack, gpt2, data, sizes, device, tick),
+        "memory": lambda: bench_memory(args.config, sizes.memory_seqs, sizes.memory_batch, args.device,
+                                       str(dtype).removeprefix("torch."), args.attn, args.data,
+                                       not args.no_isolate and device.type == "cpu", tick),
+    }
+    result_keys = {"train": "train_step"}
+    for section in sections:
+        if section in steps:
+            bar.set_description(f"bench {section}")
+            results[result_keys.get(section, section)] = steps[section]()
+    if "mfu" in sections and "train_step" in results:
+        results["mfu"] = bench_mfu(results["train_step"], backpack, gpt2, data, results["meta"]["device_name"],
+                                   dtype, args.peak_tflops)
+    if "table7" in sections:
+        del backpack, gpt2  # make room for the larger sizes
+        bar.set_description("bench table7")
+        results["table7"] = bench_table7(sizes, data, device, dtype, args.attn, tick)
+    bar.close()
+
+    ratios = headline_ratios(results)
+    results.update(ratios)
+    results["ratios"] = ratios
+    results["targets"] = {key: f"{op} {bound:g}" for key, (op, bound) in TARGETS.items()}
+    results["targets_met"] = {key: target_met(key, ratios[key]) for key in RATIO_KEYS}
+    results["meta"]["elapsed_s"] = time.perf_counter() - started
+    return results
+
+
+def main(argv: Sequence[str] | None = None, sizes: BenchSizes | None = None) -> dict:
+    """Run, print the markdown table, write JSON (and the chart) if asked; returns the results."""
+    args = parse_args(argv)
+    sizes = sizes or default_sizes(args.quick, args.device)
+    results = run_benchmarks(args, sizes)
+    meta = results["meta"]
+    print(f"\nBackpack-{args.config} vs GPT-2 ({meta['device_name']}, {meta['dtype']}, {meta['attn_implementation']}, "
+          f"{meta['threads']} threads, data: {meta['data']}{', --quick' if args.quick else ''}); "
+          f"{meta['elapsed_s']:.0f} s\n")
+    print(markdown_table(results))
+    for note in sizes.notes:
+        print(f"\nNote: {note}")
+    if args.json_path:
+        with open(args.json_path, "w") as out:
+            json.dump(results, out, indent=1)
+    if args.plot:
+        plot_ratios(results["ratios"], args.plot, f"Backpack-{args.config} / GPT-2, {meta['device_name']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
