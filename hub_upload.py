@@ -23,7 +23,7 @@ From Python (``train/pretrain.py --push_to_hub`` calls this, on the main process
 
 Exit codes:
     0  pushed (with --dry-run: staged and validated, nothing pushed)
-    1  unexpected error
+    1  unexpected error (with its traceback)
     2  bad command line (argparse errors; a repo id that is not OWNER/NAME)
     3  the checkpoint can't be read: weights or configuration missing, not a Backpack, unsupported layout
     4  validation of the staging folder failed: nothing was pushed
@@ -36,6 +36,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -401,9 +402,9 @@ def _fmt_duration(seconds) -> str:
 
 def _hub_dataset_id(name: str | None) -> str | None:
     """``name`` if it looks like a Hub dataset id (``openwebtext``, ``owner/name``), not a local path."""
-    if not name or name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1:
+    if not name or os.path.exists(os.path.expanduser(name)):
         return None
-    return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not os.path.isdir(name) else None
+    return name if re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name) else None
 
 
 def describe_data(args: dict) -> tuple[str, str, str | None]:
@@ -516,7 +517,7 @@ def _training_section(checkpoint: Checkpoint, data_prose: str) -> str:
     precision = metrics.get("mixed_precision") or args.get("mixed_precision")
     rows.append(("Precision", f"mixed precision `{precision}`" if precision and precision != "no"
                  else "fp32" if precision == "no" else "Accelerate's configured default (not recorded)"))
-    hardware = metrics.get("hardware") or args.get("hardware")
+    hardware = metrics.get("hardware") or args.get("hardware") or ("CPU" if args.get("cpu") else None)
     processes = metrics.get("num_processes") or args.get("num_processes")
     rows.append(("Hardware", str(hardware) + (f", {processes} process(es)" if processes else "") if hardware
                  else (f"{processes} process(es)" if processes else "not recorded")))
@@ -538,15 +539,20 @@ def _training_section(checkpoint: Checkpoint, data_prose: str) -> str:
 
 def _evaluation_section(checkpoint: Checkpoint, data_prose: str) -> str:
     metrics = checkpoint.metrics
+
+    def row(label: str, loss, perplexity) -> str:
+        cells = [format(v, f) if isinstance(v, (int, float)) else "–" for v, f in ((loss, ".4f"), (perplexity, ".2f"))]
+        return f"| {label} | {cells[0]} | {cells[1]} |"
+
     rows = []
-    for label, loss_key, ppl_key in (("before training", "start_val_loss", "start_val_perplexity"),
-                                     ("these weights", "val_loss", "val_perplexity")):
-        if isinstance(metrics.get(ppl_key), (int, float)):
-            loss = metrics.get(loss_key)
-            rows.append(f"| {label} | {loss:.4f} | {metrics[ppl_key]:.2f} |" if isinstance(loss, (int, float))
-                        else f"| {label} | – | {metrics[ppl_key]:.2f} |")
+    if isinstance(metrics.get("start_val_perplexity"), (int, float)):
+        rows.append(row("validation, before training", metrics.get("start_val_loss"), metrics["start_val_perplexity"]))
+    if isinstance(metrics.get("val_perplexity"), (int, float)):
+        rows.append(row("validation, these weights", metrics.get("val_loss"), metrics["val_perplexity"]))
+    elif rows:
+        rows.append("| validation, these weights | not measured (the run stopped before its next evaluation) | – |")
     if isinstance(metrics.get("train_loss"), (int, float)):
-        rows.append(f"| last training step (train split) | {metrics['train_loss']:.4f} | – |")
+        rows.append(row("training batch, last step", metrics["train_loss"], None))
     if not rows:
         return "## Evaluation\n\nNo evaluation was recorded for these weights.\n"
     return (f"## Evaluation\n\nNext-token loss (nats per token) and perplexity on the held-out validation split of "
@@ -620,7 +626,7 @@ def build_model_card(checkpoint: Checkpoint, repo_id: str, revision: str | None 
         return existing
 
     data = ModelCardData(
-        model_name=model_name, license=license or DEFAULT_LICENSE, library_name="transformers",
+        model_name=model_name if results else None, license=license or DEFAULT_LICENSE, library_name="transformers",
         pipeline_tag="text-generation", tags=list(CARD_TAGS), language="en",
         datasets=[data_id] if data_id else None, metrics=["perplexity"] if results else None,
         eval_results=results or None,
@@ -768,10 +774,9 @@ def validate_staging(staging: str | os.PathLike, reference: dict[str, torch.Tens
         torch.save(reference, reference_path)
         env = dict(os.environ)
         # Its own module cache (no stale copy of the code from an earlier folder of the same name), no network,
-        # and a working directory where this package's modules can't be imported by accident.
+        # and a working directory without this package's modules (the result also checks where the class came from).
         env.update(HF_MODULES_CACHE=str(Path(scratch) / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false")
-        env.pop("PYTHONPATH", None)
         command = [sys.executable, "-c", _VALIDATION_SCRIPT, str(Path(staging).resolve()), str(reference_path),
                    VALIDATION_PROMPT, str(VALIDATION_NEW_TOKENS)]
         try:
@@ -850,12 +855,14 @@ def hub_errors_as_messages(repo_id: str, action: str) -> Iterator[None]:
         if status == 401 and not isinstance(error, hub_errors.RepositoryNotFoundError):
             raise AuthenticationError(f"{action}: the Hub rejected the token (401: invalid or expired).{server} "
                                       f"Nothing was pushed; {_token_hint()}") from error
+        if isinstance(error, hub_errors.RevisionNotFoundError):
+            raise HubUploadError(f"{action}: the branch does not exist in {repo_id} ({error})") from error
         if status == 403:
             raise PermissionDenied(f"{action}: the token may not write to {repo_id} (403 Forbidden).{server} Nothing "
                                    "was pushed; use a token with the write role, or a fine-grained token with write "
                                    f"access to {repo_id.split('/')[0]}'s repos, or push to your own namespace"
                                    ) from error
-        if isinstance(error, (hub_errors.RepositoryNotFoundError,)) or status in (401, 404):
+        if isinstance(error, hub_errors.RepositoryNotFoundError) or status in (401, 404):
             raise PermissionDenied(f"{action}: {repo_id} is not visible to this token (it may be private, belong to "
                                    f"someone else, or not exist). Nothing was pushed; check the name and that the "
                                    "token can write to that namespace") from error
@@ -880,7 +887,9 @@ def check_token(api: HfApi, token: str | None, repo_id: str) -> str:
     if not token:
         raise AuthenticationError(f"no Hugging Face token found; {_token_hint()}")
     with hub_errors_as_messages(repo_id, "checking the token"):
-        me = api.whoami(token=token)
+        # whoami is rate-limited: a trainer pushing at every save point asks once per process.
+        cached = {"cache": True} if "cache" in inspect.signature(api.whoami).parameters else {}
+        me = api.whoami(token=token, **cached)
     access = ((me.get("auth") or {}).get("accessToken") or {})
     if access.get("role") == "read":
         raise PermissionDenied(f"the token {access.get('displayName', '')!r} is read-only; {_token_hint()}")
@@ -924,6 +933,17 @@ def push_staging(api: HfApi, staging: Path, repo_id: str, *, token: str, revisio
     return info.commit_url
 
 
+_API: HfApi | None = None
+
+
+def _hub_api() -> HfApi:
+    """One HfApi per process, so that its whoami cache spares the rate-limited endpoint at every save point."""
+    global _API
+    if _API is None:
+        _API = HfApi()
+    return _API
+
+
 def _default_commit_message(checkpoint: Checkpoint) -> str:
     step = f" at step {checkpoint.step:,}" if checkpoint.step is not None else ""
     return f"Upload Backpack GPT-2{step} with hub_upload.py"
@@ -965,7 +985,7 @@ def push_checkpoint(
         HubUploadError: a subclass per cause, with ``exit_code`` and a message that says what to do.
     """
     repo_id = parse_repo_id(repo_id)
-    api = HfApi()
+    api = _hub_api()
     if not dry_run:  # fail on the token before minutes of staging and validation
         token = check_token(api, token, repo_id)
 
@@ -989,6 +1009,8 @@ def push_checkpoint(
         where = f"{repo_id}" + (f" (branch {revision})" if revision else "") + (" [private]" if private else "")
         if dry_run:
             log(f"[4/4] Dry run: this commit to {where} would hold:\n{format_file_list(files)}")
+            if staging_dir is None:
+                log("      (--staging-dir DIR keeps these files, README.md included, for a look before pushing)")
             return None
         log(f"[4/4] Pushing {len(files)} files to {where} as one commit")
         url = push_staging(api, staging, repo_id, token=token, revision=revision, private=private,

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.checkpointing import save_accelerator_state, save_custom_state
 from conftest import tiny_model
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 from huggingface_hub import errors as hub_errors
@@ -188,10 +187,11 @@ class _TrainingState:
 
 def accelerate_checkpoint(model: BackpackGPT2LMHeadModel, folder: Path, step: int) -> Path:
     """A ``save_state`` folder as Accelerate writes it (tied aliases dropped from model.safetensors)."""
+    checkpointing = pytest.importorskip("accelerate.checkpointing")
     folder.mkdir(parents=True)
     optimizer = torch.optim.AdamW(model.parameters())
-    save_accelerator_state(str(folder), [model.state_dict()], [optimizer], [], [], 0, step)
-    save_custom_state(_TrainingState(step, step * 4096), str(folder), 0)
+    checkpointing.save_accelerator_state(str(folder), [model.state_dict()], [optimizer], [], [], 0, step)
+    checkpointing.save_custom_state(_TrainingState(step, step * 4096), str(folder), 0)
     return folder
 
 
@@ -325,6 +325,21 @@ def test_push_is_one_commit_of_the_staged_files_to_the_right_repo_branch_and_pri
     assert "https://huggingface.co/someone/backpack-tiny/commit/abc123" in output.out
 
 
+def test_push_to_main_public_by_default_and_returns_the_commit_url(export, monkeypatch):
+    hub = FakeHub().install(monkeypatch)
+    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    lines: list[str] = []
+    url = hub_upload.push_checkpoint(export, f"https://huggingface.co/{REPO_ID}", token="hf_test", log=lines.append)
+    assert url == f"https://huggingface.co/{REPO_ID}/commit/abc123"
+    assert hub.names() == ["whoami", "create_repo", "list_repo_files", "create_commit"]  # no branch, no visibility
+    calls = dict(hub.calls)
+    assert calls["create_repo"]["private"] is False and calls["create_repo"]["repo_id"] == REPO_ID
+    [commit] = hub.commits
+    assert commit["revision"] is None and commit["deleted"] == []
+    assert commit["commit_message"] == "Upload Backpack GPT-2 at step 200 with hub_upload.py"
+    assert set(commit["added"]) == MODEL_FILES | {"model.safetensors"}
+
+
 def test_failed_validation_pushes_nothing(export, monkeypatch, capsys):
     hub = FakeHub().install(monkeypatch)
     real_reference = hub_upload.reference_batch
@@ -398,6 +413,7 @@ def hub_http(monkeypatch):
         return state["handler"](request, httpx)
 
     monkeypatch.setattr(hub_http_module, "_GLOBAL_CLIENT", None)
+    monkeypatch.setattr(hub_upload, "_API", None)  # no whoami answer cached by another test
     previous = hub_http_module._GLOBAL_CLIENT_FACTORY
     hub_http_module.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(transport)))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
