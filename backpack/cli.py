@@ -238,7 +238,7 @@ def run_generate(args) -> None:
         quantiles = "" if controller.thresholds is None else \
             ", score quantiles q.95/.80/.60 = " + "/".join(f"{float(t):.4f}" for t in controller.thresholds)
         print(f"topic {args.topic or 'custom'}: bag {words} -> tokens {[tokenizer.decode([i]) for i in bag]}; "
-              f"strength {args.strength}, delta {tuple(controller.deltas.tolist())}, "
+              f"strength {args.strength}, delta {tuple(round(d, 3) for d in controller.deltas.tolist())}, "
               f"annealing {'off' if args.no_anneal else 'on'}{quantiles}"
               f"{'' if sample is None else f' (estimated from {sample} sampled words)'}")
     kwargs = {"do_sample": not args.greedy, "top_p": args.top_p, "seed": args.seed}

@@ -94,7 +94,7 @@ def bag_token_ids(words: Sequence[str | int], tokenizer=None, vocab_size: int | 
     return result
 
 
-def topic_scores(model, bag_ids: Sequence[int], token_ids: Sequence[int] | torch.Tensor, chunk: int = 256,
+def topic_scores(model, bag_ids: Sequence[int], token_ids: Sequence[int] | torch.Tensor, chunk: int = 64,
                  progress: bool = False) -> torch.Tensor:
     """s(x, ℓ) = b·(E C(x)[ℓ]) / max_v (E C(x)[ℓ])_v for the given words: (n,) -> (n, k), float32.
 

@@ -89,8 +89,12 @@ def resolve_word(word: Word, tokenizer=None, vocab_size: int | None = None, lead
     """
     if isinstance(word, bool):  # bool is an int subclass; True is never meant as token id 1
         raise ValueError(f"word must be a string or a token id, got {word!r}")
-    if isinstance(word, int):
-        ids: list[int] = [word]
+    if not isinstance(word, str) and hasattr(word, "__index__"):  # int, numpy integer, 0-d integer tensor
+        try:
+            ids: list[int] = [operator.index(word)]
+        except TypeError as error:
+            raise ValueError(f"word must be a string or an integer token id, got {word!r}") from error
+        word = ids[0]
     elif isinstance(word, str):
         if not word.strip():
             raise ValueError(f"empty word {word!r}: give a non-blank string or a token id")

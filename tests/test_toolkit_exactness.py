@@ -150,7 +150,8 @@ def test_knowledge_edit_formula_and_restore(model):
     beta = senses @ e_r / e_r.dot(e_r)  # (k,) component of each sense along E x_r
     expected = senses - beta[:, None] * e_r + (beta[:, None] / phi) * e_a
     edit = knowledge_edit(model, x, removed, added)
-    edited = model.sense_vectors([x])[0].double()
+    with torch.no_grad():
+        edited = model.sense_vectors([x])[0].double()
     assert torch.allclose(edited, expected, atol=1e-6)
     # x_r's component is gone: what is left besides the moved part is orthogonal to E x_r.
     assert float(((edited - (beta[:, None] / phi) * e_a) @ e_r).abs().max()) <= 1e-6
