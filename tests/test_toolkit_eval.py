@@ -156,3 +156,20 @@ def test_sense_readout(model, tokenizer):
             sense_vectors(model, bad, tokenizer)
     with pytest.raises(ValueError, match="out of range"):
         read_senses(model, ["bank"], tokenizer, senses=[4])
+
+
+def test_unknown_word_with_a_closed_vocabulary_tokenizer(model):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from backpack.words import resolve_word
+
+    vocabulary = {"[UNK]": 0, "bank": 1, "river": 2}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    closed = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    assert resolve_word("bank", closed).token_ids == (1,)
+    with pytest.raises(ValueError, match="unknown word 'zebra'"):
+        resolve_word("zebra", closed)
+    with pytest.raises(ValueError, match="unknown word"):
+        sense_vectors(model, ["river", "zebra"], closed)
