@@ -257,7 +257,10 @@ def _load_raw_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def _load_into(model: BackpackGPT2LMHeadModel, state: dict[str, torch.Tensor], where: Path) -> None:
     """Load ``state`` strictly, except for names that alias a tensor that *is* loaded (tied weights)."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that differ from the configuration's
+        raise CheckpointError(f"the weights in {where} do not fit the configuration: {error}") from error
     own = model.state_dict()
     loaded_pointers = {own[key].data_ptr() for key in state if key in own}
     missing = [key for key in result.missing_keys if own[key].data_ptr() not in loaded_pointers]
@@ -305,7 +308,14 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         if not _is_backpack_config(config):
             raise CheckpointError(f"{source}/config.json is not a Backpack GPT-2 configuration "
                                   f"(architectures: {config.get('architectures')}); this tool publishes Backpacks")
-        model = BackpackGPT2LMHeadModel.from_pretrained(source).eval()
+        model, info = BackpackGPT2LMHeadModel.from_pretrained(source, output_loading_info=True)
+        # from_pretrained initialises missing weights at random and only warns: never publish such a model.
+        missing = sorted(info.get("missing_keys", ()))
+        mismatched = sorted(str(key) for key in info.get("mismatched_keys", ()))
+        if missing or mismatched:
+            raise CheckpointError(f"the weights in {source} do not fit its config.json: missing {_few(missing)}, "
+                                  f"wrong shape {_few(mismatched)}")
+        model.eval()
         run_file = source / RUN_FILE
         run = _read_json(run_file) if run_file.is_file() else {}
         metrics = run.get("metrics", {}) or {}
@@ -647,6 +657,8 @@ def build_model_card(checkpoint: Checkpoint, repo_id: str, revision: str | None 
 
 @dataclass
 class StagedFile:
+    """One file of the staging folder, as it will be in the repo."""
+
     path: str  # relative to the staging folder, "/"-separated (as in the repo)
     size: int
 
@@ -658,6 +670,7 @@ def list_files(folder: Path) -> list[StagedFile]:
 
 
 def _human_size(size: int) -> str:
+    """Decimal units, as the Hub shows sizes."""
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -666,6 +679,7 @@ def _human_size(size: int) -> str:
 
 
 def format_file_list(files: list[StagedFile]) -> str:
+    """The dry run's listing: one file per line with its size, then the total."""
     width = max(len(f.path) for f in files)
     lines = [f"  {f.path:<{width}}  {_human_size(f.size):>9}" for f in files]
     lines.append(f"  {len(files)} files, {_human_size(sum(f.size for f in files))}")
@@ -685,14 +699,14 @@ def stage(checkpoint: Checkpoint, staging: str | os.PathLike, repo_id: str, *, r
     model.save_pretrained(staging, max_shard_size=max_shard_size)
     for module in CODE_MODULES:  # the installed package's code, whatever an older export carried
         shutil.copyfile(module.__file__, staging / Path(module.__file__).name)
-    _check_config(staging / "config.json")
+    _ensure_auto_map(staging / "config.json")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint)
     tokenizer.save_pretrained(staging)
     build_model_card(checkpoint, repo_id, revision, license).save(staging / CARD_FILE)
     return list_files(staging)
 
 
-def _check_config(path: Path) -> None:
+def _ensure_auto_map(path: Path) -> None:
     """config.json must let ``AutoModelForCausalLM`` find the remote code: auto_map and architectures."""
     config = json.loads(path.read_text(encoding="utf-8"))
     config["architectures"] = ["BackpackGPT2LMHeadModel"]

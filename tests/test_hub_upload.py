@@ -172,6 +172,28 @@ def test_sharding_above_the_limit_writes_an_index_that_loads(export, tmp_path):
     assert torch.equal(_logits(loaded), _logits(checkpoint.model))
 
 
+def test_export_with_missing_weights_is_refused_not_published_half_random(export, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for path in export.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    state = load_file(export / "model.safetensors")
+    state.pop("backpack.sense_network.ln.weight")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    assert hub_upload.main([str(folder), "--repo-id", REPO_ID, "--dry-run"]) == 3
+    assert "missing backpack.sense_network.ln.weight" in capsys.readouterr().err
+
+
+def test_a_gpt2_baseline_export_is_refused(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(tmp_path)
+    assert hub_upload.main([str(tmp_path), "--repo-id", REPO_ID, "--dry-run"]) == 3
+    assert "not a Backpack GPT-2 configuration" in capsys.readouterr().err
+
+
 # --- accelerate checkpoints ------------------------------------------------------------------------------------
 
 
