@@ -57,12 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     final_folder = os.path.join(args.output_dir, "model")
     export_model(accelerator, model, tokenizer, final_folder, run_config, metrics)
     accelerator.end_training()
+    perplexities = [metrics[key] for key in ("start_val_perplexity", "val_perplexity") if key in metrics]
     accelerator.print(
-        f"Done: {metrics['step']} steps, {metrics['tokens_per_second']:,.0f} tokens/s, "
-        + (f"validation perplexity {metrics['start_val_perplexity']:.2f} -> " if "start_val_perplexity" in metrics
-           else "validation perplexity ")
-        + (f"{metrics['val_perplexity']:.2f}, " if "val_perplexity" in metrics else "")
-        + f"wall time {metrics['wall_seconds']:.0f}s. Model: {final_folder}"
+        f"Done: {metrics['step']} steps, {metrics['tokens_per_second']:,.0f} tokens/s, validation perplexity "
+        f"{' -> '.join(f'{value:.2f}' for value in perplexities) or 'not measured'}, wall time "
+        f"{metrics['wall_seconds']:.0f}s. Model: {final_folder}"
     )
     return metrics
 

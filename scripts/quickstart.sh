@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's main command: from a fresh clone, set up the environment and train the `nano` Backpack on the
+# embedded offline corpus (gensim's Wikipedia sample + Lee news corpus), then load the exported folder back
+# through `pipeline("text-generation")` and print a sample and the top words of a few senses of a few words.
+#
+#   bash scripts/quickstart.sh                 # Backpack
+#   bash scripts/quickstart.sh --model gpt2    # the GPT-2 baseline on the same budget (no senses to show)
+#
+# Extra arguments go to train/pretrain.py (e.g. --max_steps 50). About 10 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -m pip install --quiet --disable-pip-version-check -e '.[train]'
+
+output_dir=outputs/nano
+for arg in "$@"; do [ "$arg" = gpt2 ] && output_dir=outputs/nano-gpt2; done
+python train/pretrain.py --config nano --output_dir "$output_dir" "$@"
+python train/demo.py "$output_dir/model"

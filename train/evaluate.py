@@ -1,0 +1,87 @@
+"""Perplexity of a saved model folder (Backpack or GPT-2) on a dataset, local files or the embedded corpus.
+
+    python train/evaluate.py --model_path outputs/nano/model                       # embedded validation split
+    python train/evaluate.py --model_path outputs/nano/model --data_files my.txt --split train
+    accelerate launch train/evaluate.py --model_path stanfordnlp/backpack-gpt2 --dataset Skylion007/openwebtext
+
+Text is packed exactly as in training (EOS between documents, blocks of ``block_size + 1`` overlapping by one
+token, so every token after the first is scored once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = _ROOT  # see train/pretrain.py: train/ must not shadow other modules
+elif _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from accelerate import Accelerator  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from backpack.tokenizer import gpt2_tokenizer  # noqa: E402
+from train.config import DataArguments, parse_args  # noqa: E402
+from train.data import check_data_source, collate_blocks, prepare_datasets  # noqa: E402
+from train.loss import evaluate  # noqa: E402
+
+
+@dataclass
+class EvalArguments:
+    """What to evaluate and how."""
+
+    model_path: str = field(metadata={"help": "Saved model folder (or Hub name) to evaluate."})
+    split: str = field(default="validation", metadata={"help": "train or validation."})
+    block_size: int | None = field(default=None, metadata={"help": "Tokens per window (default: n_positions)."})
+    batch_size: int = 8
+    max_batches: int | None = field(default=None, metadata={"help": "Evaluate only the first N batches."})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16."})
+    cpu: bool = False
+    output_json: str | None = field(default=None, metadata={"help": "Also write the result to this JSON file."})
+
+
+def load_model_and_tokenizer(path: str):
+    """The model (remote code allowed: a Backpack folder carries its own) and its tokenizer, or GPT-2's."""
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # a folder without tokenizer files: the model family's tokenizer
+        tokenizer = gpt2_tokenizer()
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Evaluate and print loss and perplexity; returns them."""
+    data_args, eval_args = parse_args((DataArguments, EvalArguments), argv, description=__doc__)
+    check_data_source(data_args)
+    if data_args.streaming:
+        raise ValueError("evaluation needs a finite split: drop --streaming")
+    if eval_args.split not in ("train", "validation"):
+        raise ValueError(f"--split must be train or validation, got {eval_args.split}")
+    accelerator = Accelerator(mixed_precision=eval_args.mixed_precision, cpu=eval_args.cpu)
+    model, tokenizer = load_model_and_tokenizer(eval_args.model_path)
+    block_size = eval_args.block_size or model.config.n_positions
+    if block_size > model.config.n_positions:
+        raise ValueError(f"block_size {block_size} exceeds the model's n_positions {model.config.n_positions}")
+    with accelerator.main_process_first():
+        blocks = prepare_datasets(data_args, tokenizer, block_size=block_size + 1)[eval_args.split]
+    loader = DataLoader(blocks, batch_size=eval_args.batch_size, shuffle=False,
+                        collate_fn=lambda examples: collate_blocks(examples, tokenizer.eos_token_id))
+    model, loader = accelerator.prepare(model, loader)
+    result = evaluate(model, loader, accelerator, eval_args.max_batches, desc=f"evaluating {eval_args.split}")
+    result.update(model_path=eval_args.model_path, split=eval_args.split, block_size=block_size)
+    accelerator.print(f"{eval_args.model_path} on {eval_args.split}: loss {result['loss']:.4f}, "
+                      f"perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
+    if eval_args.output_json and accelerator.is_main_process:
+        with open(eval_args.output_json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
