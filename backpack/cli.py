@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bias.add_argument("--sense", type=int, default=10, help="the gender sense ℓ (10 for the published model)")
     bias.add_argument("--scales", type=_scales_spec, default=None, help="γ grid START:STOP:STEP (default 0:1:0.01)")
     bias.add_argument("--per-profession", action="store_true", help="also print every profession's numbers")
+    bias.add_argument("--professions", help="comma-separated professions instead of the paper's 39")
     bias.add_argument("--name", default="model", help="model name for the table")
     _add_subword(bias)
 
@@ -255,10 +256,14 @@ def run_generate(args) -> None:
 
 
 def run_bias(args) -> None:
-    from .bias import DEFAULT_SCALES, evaluate_bias, format_bias_report
+    from .bias import DEFAULT_SCALES, PROFESSIONS, evaluate_bias, format_bias_report
 
+    professions = PROFESSIONS
+    if args.professions is not None:
+        professions = [p.strip() for p in args.professions.split(",")]
     model, tokenizer = load_model(args.model, args.device)
-    report = evaluate_bias(model, tokenizer, args.sense, scales=args.scales or DEFAULT_SCALES, policy=args.subword)
+    report = evaluate_bias(model, tokenizer, args.sense, professions, scales=args.scales or DEFAULT_SCALES,
+                           policy=args.subword)
     print(format_bias_report(report, args.name, args.per_profession))
 
 

@@ -65,7 +65,8 @@ def test_intervene_and_generate(folder, capsys):
 
 
 def test_bias_and_similarity(folder, capsys):
-    status, out, _ = run(capsys, "bias", folder, "--sense", "2", "--scales", "0:1:0.5", "--name", "tiny")
+    status, out, _ = run(capsys, "bias", folder, "--sense", "2", "--scales", "0:1:0.5", "--name", "tiny",
+                         "--professions", "nurse,salesperson,CEO")
     assert status == 0 and "| tiny" in out and "per-profession optimal scale of sense 2" in out
     status, out, _ = run(capsys, "similarity", folder, "--name", "tiny")
     assert status == 0 and out.count("SimLex999") >= 2 and "first subword" in out and "average of subwords" in out
@@ -81,6 +82,7 @@ def test_bias_and_similarity(folder, capsys):
         (["explain", "{folder}", "Hi there", "--target", "he", "--position", "9"], "out of range"),
         (["generate", "{folder}", "Hi", "--bag", "music", "--strength", "5"], "strength"),
         (["bias", "{folder}"], "out of range"),
+        (["bias", "{folder}", "--sense", "1", "--professions", "nurse,,CEO"], "empty word"),
         (["senses", "/no/such/folder", "bank"], "does not exist"),
     ],
 )
