@@ -1,0 +1,1 @@
+"""The browser demo (``python demo/app.py``): see demo/app.py."""
