@@ -201,8 +201,9 @@ def tokenize_and_pack(
     num_proc: int | None = None,
 ):
     """Tokenise and pack one split with ``Dataset.map``; the result has one ``input_ids`` column."""
+    documents = documents.select_columns([text_column])  # a stream may not know its other columns up front
     kwargs = {"fn_kwargs": {"tokenizer": tokenizer, "text_column": text_column, "block_size": block_size},
-              "batched": True, "remove_columns": documents.column_names}
+              "batched": True, "remove_columns": [text_column]}
     if isinstance(documents, datasets.Dataset):
         num_proc = num_proc or os.cpu_count() or 1
         kwargs.update(num_proc=min(num_proc, max(1, len(documents) // 1000)) if num_proc > 1 else None,
