@@ -79,6 +79,7 @@ class BenchSizes:
     latency_positions: tuple[int, int] = (64, 512)
     memory_seqs: tuple[int, ...] = (512, 1024)
     memory_batch: int = 4
+    memory_paths: tuple[str, ...] = ("fused", "materialized", "gpt2")  # gpt2: reference only
     warmup: int = 1
     reps: int = 5
     generate_reps: int = 3
@@ -103,9 +104,13 @@ def default_sizes(quick: bool, device: str) -> BenchSizes:
             sizes.reps, sizes.table7_reps, sizes.table7_configs = 5, 10, ("micro",)
         return sizes
     if not quick:
-        return BenchSizes(notes=["CPU: forward batch 8 x 512 and train batch 4 x 512 instead of the paper's 32 x 512"])
+        return BenchSizes(
+            forward_batch=4, train_batch=2, reps=4, generate_reps=2, memory_batch=2,
+            memory_paths=("fused", "materialized"),
+            notes=["CPU: forward batch 4 x 512 and train batch 2 x 512 instead of the paper's 32 x 512"],
+        )
     return BenchSizes(
         forward_batch=2, seq=256, train_batch=2, generate_batches=(1, 8), new_tokens=64, latency_reps=10,
-        memory_batch=1, reps=3, generate_reps=2,
+        memory_batch=1, memory_paths=("fused", "materialized"), reps=3, generate_reps=2,
         notes=["--quick: batch 2 x 256 for forward/train, 64 new tokens, 3 repetitions; ratios are indicative only"],
     )

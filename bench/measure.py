@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -77,6 +78,11 @@ class generate_fn:  # noqa: N801 - used like the other *_fn factories
         return self.last_output
 
 
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward argument that takes a cache: `cache` on newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decode_step_fn(model: PreTrainedModel, ids: torch.LongTensor, position: int) -> Callable[[], object]:
     """One cached decoding step at `position` (the cache holds `position` tokens), undone after each call.
 
@@ -84,12 +90,14 @@ def decode_step_fn(model: PreTrainedModel, ids: torch.LongTensor, position: int)
     measures the same step.
     """
     with torch.inference_mode():
-        cache = model(ids[:, :position], use_cache=True).cache
+        output = model(ids[:, :position], use_cache=True)
+    cache = output.get("cache") or output.get("past_key_values")
     token = ids[:, position : position + 1]
+    argument = cache_argument(model)
 
     def run() -> object:
         with torch.inference_mode():
-            logits = model(token, cache=cache, use_cache=True).logits
+            logits = model(token, use_cache=True, **{argument: cache}).logits
         cache.crop(-1)
         return logits
 

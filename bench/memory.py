@@ -146,14 +146,14 @@ def train_step_peak_isolated(**case) -> dict:
 
 def bench_memory(
     config: str, seqs: tuple[int, ...], batch: int, device: str, dtype: str, attn: str, data: str,
-    isolated: bool, tick,
+    isolated: bool, tick, paths: tuple[str, ...] = MEMORY_PATHS,
 ) -> dict:
     """Training-step peak memory for each sequence length and path; fused/materialised ratios per length."""
     measure = train_step_peak_isolated if isolated else train_step_peak
     results: dict[str, dict] = {}
     for seq in seqs:
         cases: dict = {}
-        for path in MEMORY_PATHS:
+        for path in paths:
             cases[path] = measure(
                 config=config, seq=seq, batch=batch, path=path, device=device, dtype=dtype, attn=attn, data=data
             )

@@ -39,7 +39,7 @@ from bench.measure import (  # noqa: E402
     bench_table7,
     bench_train_step,
 )
-from bench.memory import MEMORY_PATHS, bench_memory  # noqa: E402
+from bench.memory import bench_memory  # noqa: E402
 from bench.report import RATIO_KEYS, TARGETS, headline_ratios, markdown_table, plot_ratios, target_met  # noqa: E402
 
 ALL_SECTIONS = ("forward", "train", "generate", "latency", "memory", "mfu", "table7")
@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
     parser.add_argument("--no-isolate", action="store_true",
-                        help="measure CPU memory in this process instead of fresh subprocesses (less clean)")
+                        help="measure memory in this process instead of one fresh subprocess per case (less clean)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -103,7 +103,7 @@ def progress_total(sections: tuple[str, ...], sizes: BenchSizes) -> int:
         "generate": len(sizes.generate_batches) * sizes.generate_reps
         + len(set(sizes.recompute_batches) & set(sizes.generate_batches)),
         "latency": 1,
-        "memory": len(sizes.memory_seqs) * len(MEMORY_PATHS),
+        "memory": len(sizes.memory_seqs) * len(sizes.memory_paths),
         "table7": len(sizes.table7_configs),
     }
     return sum(per_section.get(section, 0) for section in sections)
@@ -163,7 +163,7 @@ def run_benchmarks(args: argparse.Namespace, sizes: BenchSizes) -> dict:
         "latency": lambda: bench_latency(backpack, gpt2, data, sizes, device, tick),
         "memory": lambda: bench_memory(args.config, sizes.memory_seqs, sizes.memory_batch, args.device,
                                        str(dtype).removeprefix("torch."), args.attn, args.data,
-                                       not args.no_isolate and device.type == "cpu", tick),
+                                       not args.no_isolate, tick, sizes.memory_paths),
     }
     result_keys = {"train": "train_step"}
     for section in sections:
