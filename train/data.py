@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import datasets
 import torch
@@ -254,7 +255,12 @@ def prepare_datasets(args: DataArguments, tokenizer, block_size: int):
     # Write beside the final path and rename, so an interrupted run never leaves a half-written cache.
     partial = f"{cache}.partial-{os.getpid()}"
     packed.save_to_disk(partial)
-    os.replace(partial, cache)
+    try:
+        os.replace(partial, cache)
+    except OSError:  # another run finished the same cache first: keep theirs
+        if not os.path.exists(os.path.join(cache, "dataset_dict.json")):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return datasets.load_from_disk(cache)
 
 
