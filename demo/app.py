@@ -226,13 +226,17 @@ class DemoHandlers:
         ]
         contributions = _table(["rank", "position", "context word", "sense", "α", "contribution"], rows,
                                "contribution-table")
-        target_name = html.escape(e.target.describe("first") if isinstance(chosen, str) else
-                                  repr(self.tokenizer.decode([e.target_id])))
+        target_label = e.target.describe("first") if isinstance(chosen, str) else repr(self.tokenizer.decode([chosen]))
+        target_name = html.escape(target_label)
         status = (f"Predicting the token after position {e.position} ({html.escape(repr(e.tokens[e.position]))})."
                   f" Target {target_name}: logit {e.value:+.4f} = sum of {e.contributions.numel()} contributions"
                   f" {e.total:+.4f}; log p = {e.log_prob:+.4f} (p = {torch.tensor(e.log_prob).exp():.4f}).")
-        return (tokens, next_table, plots.plot_contextualization(e.contextualization, e.tokens), contributions,
-                plots.plot_contributions(e), status)
+        alpha_figure = plots.plot_contextualization(e.contextualization, e.tokens)
+        alpha_figure.set_layout_engine("constrained")  # no overlapping labels between the per-sense panels
+        contribution_figure = plots.plot_contributions(e)
+        contribution_figure.axes[0].set_title(f"Contributions to the logit of {target_label} (sum {e.total:+.3f})",
+                                              fontsize=9)
+        return tokens, next_table, alpha_figure, contributions, contribution_figure, status
 
     # Steer --------------------------------------------------------------------------------------------------
 
@@ -423,7 +427,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.model == str(DEFAULT_MODEL) and not DEFAULT_MODEL.exists():
         print(f"No model at {DEFAULT_MODEL}.\nTrain the nano Backpack first with the README's main command"
               " (`bash scripts/quickstart.sh`), or pass an exported folder: python demo/app.py path/to/model",
@@ -437,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(model.config, "num_senses"):
         print(f"{args.model!r} is not a Backpack (its config has no num_senses)", file=sys.stderr)
         return 2
-    print(f"Backpack explorer on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
+    print(f"Starting the Backpack explorer on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
     launch(build_app(model, tokenizer, name=args.model), args.host, args.port, block=True)
     return 0
 
