@@ -332,8 +332,12 @@ def _explain_tab(handlers: DemoHandlers) -> None:
         with gr.Column(scale=2):
             gr.Markdown("**Top contributions to the target's logit** (α · E_target·C(x_j)[ℓ])")
             table = gr.HTML(elem_id="explain-contributions")
-    contributions_plot = gr.Plot(label="Contributions: senses x context words", elem_id="explain-contrib-plot")
-    alpha_plot = gr.Plot(label="α per sense (query i x key j)", elem_id="explain-alpha")
+    gr.Markdown("**Contributions** of every (sense, context word) pair to the target's logit: red raises it, blue"
+                " lowers it")
+    contributions_plot = gr.Plot(show_label=False, elem_id="explain-contrib-plot")
+    gr.Markdown("**α per sense**: row i is the query (predicting token i+1), column j the context word whose sense"
+                " is weighted")
+    alpha_plot = gr.Plot(show_label=False, elem_id="explain-alpha")
     handler = shows_errors(6)(handlers.explain)
     for event in (button.click, text.submit, target.submit):
         event(handler, [text, position, target, count], [tokens, next_words, alpha_plot, table, contributions_plot,
