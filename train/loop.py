@@ -153,7 +153,7 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
                               f"checkpoint_{accelerator.save_iteration - 1}", "model")
         export_model(accelerator, model, tokenizer, folder, run_config, {"step": state.step, **final_metrics})
 
-    metrics: dict = {"start_step": state.step}
+    metrics: dict = {"start_step": state.step, "step": state.step, "tokens": state.tokens}
     if state.step == 0:
         start = validate()
         metrics.update(start_val_loss=start["loss"], start_val_perplexity=start["perplexity"])
