@@ -42,6 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
     parser.add_argument("--out", default="docs", help="folder for the PNGs (default: docs)")
+    parser.add_argument("--name", default="", help="the model's name on the page (default: the folder)")
     parser.add_argument("--word", default="science")
     parser.add_argument("--sentence", default="The history of science is")
     parser.add_argument("--position", type=int, default=-1)
@@ -110,7 +111,7 @@ def tour(driver, url: str, args: argparse.Namespace, out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     model, tokenizer = load_model(args.model)
-    app = build_app(model, tokenizer, name=args.model)
+    app = build_app(model, tokenizer, name=args.name or args.model)
     url = launch(app, block=False)
     try:
         with tempfile.TemporaryDirectory() as profile:
