@@ -20,6 +20,7 @@ import argparse
 import functools
 import html
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -230,7 +231,7 @@ class DemoHandlers:
         target_name = html.escape(target_label)
         status = (f"Predicting the token after position {e.position} ({html.escape(repr(e.tokens[e.position]))})."
                   f" Target {target_name}: logit {e.value:+.4f} = sum of {e.contributions.numel()} contributions"
-                  f" {e.total:+.4f}; log p = {e.log_prob:+.4f} (p = {torch.tensor(e.log_prob).exp():.4f}).")
+                  f" {e.total:+.4f}; log p = {e.log_prob:+.4f} (p = {math.exp(e.log_prob):.3g}).")
         alpha_figure = plots.plot_contextualization(e.contextualization, e.tokens)
         alpha_figure.set_layout_engine("constrained")  # no overlapping labels between the per-sense panels
         contribution_figure = plots.plot_contributions(e)

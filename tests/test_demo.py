@@ -64,6 +64,10 @@ def app_url() -> Iterator[str]:
     config = BackpackGPT2Config(n_embd=32, n_layer=2, n_head=2, num_senses=NUM_SENSES, n_positions=N_POSITIONS,
                                 vocab_size=50264)
     model = BackpackGPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # larger weights than the initialisation's, so that predictions are far from uniform
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1 and "wpe" not in name:
+                parameter.mul_(8.0)
     app = build_app(model, gpt2_tokenizer(), name="tiny-random", topic_sample_size=256)
     url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
     try:
