@@ -8,8 +8,8 @@ HERE = Path(__file__).parent
 
 TRAIN = ["accelerate>=1.0", "datasets>=3.0", "gensim>=4.3", "tensorboard", "pyyaml", "tqdm"]
 EVAL = ["scipy", "matplotlib", "gensim>=4.3", "tqdm"]
-DEMO = ["gradio>=5.0"]
-DEV = ["pytest", "ruff", "selenium"] + TRAIN + EVAL + DEMO
+DEMO = ["gradio>=6.31,<7", "matplotlib"]
+DEV = ["pytest", "ruff", "selenium>=4.51,<5"] + TRAIN + EVAL + DEMO
 
 setup(
     name="backpack-gpt2",
