@@ -108,7 +108,8 @@ def check_data_source(args: DataArguments) -> None:
     if args.data_files:
         resolve_data_files(args.data_files)
     elif args.dataset is None:
-        gensim_test_data(GENSIM_WIKI_FILE), gensim_test_data(GENSIM_LEE_FILE)
+        for name in (GENSIM_WIKI_FILE, GENSIM_LEE_FILE):
+            gensim_test_data(name)
     if not 0 < args.validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {args.validation_fraction}")
 
@@ -160,8 +161,7 @@ def _split(raw, args: DataArguments):
         parts = train.train_test_split(test_size=args.validation_fraction, seed=args.data_seed)
         train, validation = parts["train"], parts["test"]
     if args.max_documents is not None:
-        train = train.take(args.max_documents) if streaming else train.select(range(min(args.max_documents,
-                                                                                        len(train))))
+        train = train.take(args.max_documents if streaming else min(args.max_documents, len(train)))
     if streaming:
         return datasets.IterableDatasetDict({"train": train, "validation": validation})
     return datasets.DatasetDict({"train": train, "validation": validation})
@@ -206,8 +206,9 @@ def tokenize_and_pack(
     kwargs = {"fn_kwargs": {"tokenizer": tokenizer, "text_column": text_column, "block_size": block_size},
               "batched": True, "remove_columns": [text_column]}
     if isinstance(documents, datasets.Dataset):
-        num_proc = num_proc or os.cpu_count() or 1
-        kwargs.update(num_proc=min(num_proc, max(1, len(documents) // 1000)) if num_proc > 1 else None,
+        # At most one worker per 1,000 documents: on small data, starting processes costs more than it saves.
+        workers = min(num_proc or os.cpu_count() or 1, max(1, len(documents) // 1000))
+        kwargs.update(num_proc=workers if workers > 1 else None,
                       desc=f"Tokenising and packing into blocks of {block_size}")
     return documents.map(_tokenize_and_pack, **kwargs)
 
