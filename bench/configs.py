@@ -111,6 +111,7 @@ def default_sizes(quick: bool, device: str) -> BenchSizes:
         )
     return BenchSizes(
         forward_batch=2, seq=256, train_batch=2, generate_batches=(1, 8), new_tokens=64, latency_reps=10,
-        memory_batch=1, memory_paths=("fused", "materialized"), reps=3, generate_reps=2,
-        notes=["--quick: batch 2 x 256 for forward/train, 64 new tokens, 3 repetitions; ratios are indicative only"],
+        memory_seqs=(1024,), memory_batch=1, memory_paths=("fused", "materialized"), reps=3, generate_reps=2,
+        notes=["--quick: batch 2 x 256 for forward/train, 64 new tokens, 3 repetitions, memory at 1 x 1024 only; "
+               "ratios are indicative only"],
     )

@@ -87,7 +87,7 @@ def peak_rss_bytes() -> int:
 
 def train_step_peak(
     config: str, seq: int, batch: int, path: str, device: str = "cpu", dtype: str = "float32",
-    attn: str = "sdpa", data: str = "wiki", seed: int = 0,
+    attn: str = "sdpa", data: str = "wiki", seed: int = 0, threads: int | None = None,
 ) -> dict:
     """Peak memory of one training step of one model (`path` in MEMORY_PATHS), measured in this process."""
     from transformers import GPT2LMHeadModel
@@ -98,6 +98,8 @@ def train_step_peak(
     from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype)
+    if threads:
+        torch.set_num_threads(threads)
     if torch_device.type == "cpu":
         fix_malloc_mmap_threshold()
     torch.manual_seed(seed)
@@ -146,7 +148,7 @@ def train_step_peak_isolated(**case) -> dict:
 
 def bench_memory(
     config: str, seqs: tuple[int, ...], batch: int, device: str, dtype: str, attn: str, data: str,
-    isolated: bool, tick, paths: tuple[str, ...] = MEMORY_PATHS,
+    isolated: bool, tick, paths: tuple[str, ...] = MEMORY_PATHS, threads: int | None = None,
 ) -> dict:
     """Training-step peak memory for each sequence length and path; fused/materialised ratios per length."""
     measure = train_step_peak_isolated if isolated else train_step_peak
@@ -155,7 +157,8 @@ def bench_memory(
         cases: dict = {}
         for path in paths:
             cases[path] = measure(
-                config=config, seq=seq, batch=batch, path=path, device=device, dtype=dtype, attn=attn, data=data
+                config=config, seq=seq, batch=batch, path=path, device=device, dtype=dtype, attn=attn, data=data,
+                threads=threads,
             )
             tick()
         for kind in ("step_peak", "peak"):

@@ -163,7 +163,7 @@ def run_benchmarks(args: argparse.Namespace, sizes: BenchSizes) -> dict:
         "latency": lambda: bench_latency(backpack, gpt2, data, sizes, device, tick),
         "memory": lambda: bench_memory(args.config, sizes.memory_seqs, sizes.memory_batch, args.device,
                                        str(dtype).removeprefix("torch."), args.attn, args.data,
-                                       not args.no_isolate, tick, sizes.memory_paths),
+                                       not args.no_isolate, tick, sizes.memory_paths, args.threads),
     }
     result_keys = {"train": "train_step"}
     for section in sections:
