@@ -20,7 +20,7 @@ from .senses import SenseReadout  # noqa: E402
 def plot_sense_readout(readout: SenseReadout, top_k: int = 5) -> Figure:
     """A table figure: one column per word, one row per sense, each cell the sense's top words (E·C(x)ℓ)."""
     words = [w.describe(readout.policy) for w in readout.words]
-    cells = [[", ".join(t.strip() or repr(t) for t, _ in readout.top[w][s][:top_k]) for w in range(len(words))]
+    cells = [[" ".join(repr(t) for t, _ in readout.top[w][s][:top_k]) for w in range(len(words))]
              for s in range(len(readout.senses))]
     width = max(6.0, 2.8 * len(words) + 1.0)
     figure, axis = plt.subplots(figsize=(width, 0.4 * len(readout.senses) + 1.2))

@@ -61,7 +61,7 @@ def direct_bias(model, tokenizer, profession, prompts, gamma):
 
 def test_bias_evaluation_matches_direct_computation(model, tokenizer):
     professions = ["nurse", "salesperson", "CEO", "housekeeper"]  # two of them are several subwords
-    scales = [0.0, 0.25, 0.5, 0.75, 1.0]
+    scales = [0.0, 0.5, 1.0]
     report = evaluate_bias(model, tokenizer, SENSE, professions, scales=scales, progress=False)
     unmodified, removed, optimal = [], [], []
     for profession, result in zip(professions, report.professions):
