@@ -5,8 +5,8 @@ sentence and a prompt, checks what the page shows (and that bad input gives a me
 that the page loaded nothing from outside the machine, and saves one screenshot per panel to
 ``$BACKPACK_ARTIFACTS/demo/`` (default ``outputs/test-artifacts/demo/``, ignored by git).
 
-Needs gradio, selenium and Debian's ``chromium`` + ``chromium-driver`` (no browser is downloaded). Without them
-the browser test is skipped, unless ``BACKPACK_REQUIRE_BROWSER=1`` (then it fails).
+Needs gradio, selenium (the `[dev]` extra) and Debian's ``chromium`` + ``chromium-driver`` (no browser is
+downloaded; `.ci/run` installs them). Without them the browser test fails, saying what is missing.
 """
 
 from __future__ import annotations
@@ -23,18 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_SENSES = 4
 N_POSITIONS = 64
 
-
-def _skip_or_fail(reason: str) -> None:
-    """Skip, or fail where BACKPACK_REQUIRE_BROWSER=1 (CI must not skip the browser test silently)."""
-    if os.environ.get("BACKPACK_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"browser test required but cannot run: {reason}")
-    pytest.skip(reason, allow_module_level=True)
-
-
-try:
-    import gradio  # noqa: F401
-except ImportError:
-    _skip_or_fail("gradio is not installed (pip install -e '.[demo]')")  # a skip here skips the whole module
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -78,14 +66,12 @@ def app_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    """Headless Debian Chromium with a fresh profile and no background networking (skipped without one)."""
-    try:
-        from demo.browser import missing_browser, start_chromium
-    except ImportError:
-        _skip_or_fail("selenium is not installed (pip install -e '.[dev]')")
+    """Headless Debian Chromium with a fresh profile and no background networking."""
+    from demo.browser import missing_browser, start_chromium
+
     reason = missing_browser()
     if reason is not None:
-        _skip_or_fail(reason)
+        pytest.fail(f"the browser test cannot run: {reason}")
     driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield driver

@@ -209,7 +209,8 @@ class _TrainingState:
 
 def accelerate_checkpoint(model: BackpackGPT2LMHeadModel, folder: Path, step: int) -> Path:
     """A ``save_state`` folder as Accelerate writes it (tied aliases dropped from model.safetensors)."""
-    checkpointing = pytest.importorskip("accelerate.checkpointing")
+    from accelerate import checkpointing
+
     folder.mkdir(parents=True)
     optimizer = torch.optim.AdamW(model.parameters())
     checkpointing.save_accelerator_state(str(folder), [model.state_dict()], [optimizer], [], [], 0, step)
