@@ -409,6 +409,24 @@ def test_bad_sense_edits_are_refused(senses, message):
         tiny_model().set_sense_edit(5, senses)
 
 
+def test_precomputed_sense_table_gives_the_same_outputs_and_is_not_used_in_training():
+    model = tiny_model(11)
+    ids = random_batch(11, 2, 16)
+    with torch.no_grad():
+        computed = model(ids).logits
+        generated = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        model.precompute_senses(chunk_size=50)
+        assert model.backpack.sense_table.shape == (4, 128, 32)
+        assert_close(model(ids).logits, computed)
+        assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                          pad_token_id=0), generated)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert model.backpack.sense_network.final_mlp.c_proj.weight.grad is not None
+    model.resize_token_embeddings(130)
+    assert model.backpack.sense_table is None
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 
