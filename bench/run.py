@@ -67,6 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-isolate", action="store_true",
                         help="measure memory in this process instead of one fresh subprocess per case (less clean)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sense-table", action="store_true",
+                        help="inference sections read senses from model.precompute_senses()'s table")
     return parser.parse_args(argv)
 
 
@@ -123,6 +125,8 @@ def run_benchmarks(args: argparse.Namespace, sizes: BenchSizes) -> dict:
     need_tokens = max(sizes.forward_batch, sizes.train_batch, sizes.table7_batch) * sizes.seq * 2 + 200_000
     data = TokenBatches(args.data, need_tokens, 50264, args.seed)
     backpack, gpt2 = build_models(args.config, n_positions, args.attn, device, dtype, args.seed)
+    if args.sense_table:
+        backpack.precompute_senses()  # training steps (with gradients) still run the sense network
 
     results: dict = {
         "device": device.type,
@@ -145,6 +149,7 @@ def run_benchmarks(args: argparse.Namespace, sizes: BenchSizes) -> dict:
             "distinct_token_fraction": {
                 f"{sizes.forward_batch}x{sizes.seq}": data.distinct_fraction(sizes.forward_batch, sizes.seq)},
             "quick": args.quick,
+            "sense_table": args.sense_table,
             "sizes": sizes.as_dict(),
             "sections": list(sections),
             "timing": "interleaved repetitions after warm-up, medians compared"
