@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# torch first, pinned to the tested release: left to the resolver, a plain `torch` can be a multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 python -m pip install --quiet --disable-pip-version-check -e '.[train]'
 
 output_dir=outputs/nano

@@ -167,6 +167,16 @@ def test_gpt2_baseline_trains_and_exports(tmp_path, data_cache):
     assert evaluated["loss"] == pytest.approx(history(tmp_path, "val/loss")[10], abs=1e-5)
 
 
+def test_push_to_hub_publishes_each_export_through_hub_upload(tmp_path, data_cache):
+    # A dry run stages and validates in a fresh process exactly as a push would, and sends nothing.
+    result = run(["--max_steps", "2", "--eval_interval", "100", "--push_to_hub", "someone/backpack-test",
+                  "--hub_dry_run", "true"], tmp_path, data_cache)
+    output = result.stdout + result.stderr
+    assert "Validating in a fresh process" in output
+    assert "Dry run: this commit to someone/backpack-test would hold" in output
+    assert "model.safetensors" in output and "modeling_backpack_gpt2.py" in output
+
+
 def test_missing_data_file_fails_before_any_model_is_built(tmp_path, monkeypatch):
     from train import pretrain
 

@@ -110,6 +110,11 @@ class TrainArguments:
     )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none."})
     run_name: str = "pretrain"
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "OWNER/NAME: publish every saved export there (hub_upload.py, main process)."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_dry_run: bool = field(default=False, metadata={"help": "Stage and validate each push, but send nothing."})
 
 
 def _yaml_values(path: str) -> dict:

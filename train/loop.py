@@ -101,6 +101,19 @@ class LogHistory:
                 handle.write(json.dumps({"step": step, **record}) + "\n")
 
 
+def publish(accelerator: Accelerator, folder: str, args: TrainArguments, step: int) -> None:
+    """Push an export to the Hub from the main process; a failed push warns and training goes on."""
+    if accelerator.is_main_process:
+        from hub_upload import HubUploadError, push_checkpoint  # only runs that publish need huggingface_hub's API
+
+        try:
+            push_checkpoint(folder, args.push_to_hub, private=args.hub_private, dry_run=args.hub_dry_run,
+                            commit_message=f"Backpack checkpoint at step {step}", log=accelerator.print)
+        except HubUploadError as error:
+            accelerator.print(f"warning: push to {args.push_to_hub} failed, training goes on: {error}")
+    accelerator.wait_for_everyone()
+
+
 def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokenizer, run_config: dict) -> tuple:
     """Train ``model`` on the packed splits; returns the prepared model and the final metrics.
 
@@ -152,6 +165,8 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
         folder = os.path.join(accelerator.project_dir, "checkpoints",
                               f"checkpoint_{accelerator.save_iteration - 1}", "model")
         export_model(accelerator, model, tokenizer, folder, run_config, {"step": state.step, **final_metrics})
+        if args.push_to_hub:
+            publish(accelerator, folder, args, state.step)
 
     metrics: dict = {"start_step": state.step, "step": state.step, "tokens": state.tokens}
     if state.step == 0:
