@@ -38,6 +38,15 @@ from demo.browser import (  # noqa: E402
 )
 
 
+def steer(driver, button: str, status_marker: str, label: str, path: Path) -> None:
+    """Run one Steer comparison, print both generations and save the screenshot."""
+    click(driver, button)
+    wait_for(driver, lambda d: status_marker in text_of(d, "#steer-status"), f"the {label} steering", timeout=600)
+    print(f"\n[Steer: {label}]", text_of(driver, "#steer-status"), "without: " + value_of(driver, "steer-plain"),
+          "with:    " + value_of(driver, "steer-steered"), sep="\n  ")
+    print(" ->", screenshot(driver, path))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
@@ -90,19 +99,11 @@ def tour(driver, url: str, args: argparse.Namespace, out: Path) -> None:
     fill(driver, "steer-word", args.steer_word)
     fill(driver, "steer-sense", args.steer_sense)
     set_slider(driver, "steer-scale", args.scale)
-    click(driver, "steer-sense-button")
-    wait_for(driver, lambda d: "Sense " in text_of(d, "#steer-status"), "the sense intervention", timeout=600)
-    print("\n[Steer: sense]", text_of(driver, "#steer-status"), "without: " + value_of(driver, "steer-plain"),
-          "with:    " + value_of(driver, "steer-steered"), sep="\n  ")
-    print(" ->", screenshot(driver, out / "demo-steer-sense.png"))
+    steer(driver, "steer-sense-button", "Sense ", "sense", out / "demo-steer-sense.png")
 
     choose(driver, "steer-topic", args.topic)
     set_slider(driver, "steer-strength", args.strength)
-    click(driver, "steer-topic-button")
-    wait_for(driver, lambda d: "Topic bag" in text_of(d, "#steer-status"), "the topic control", timeout=600)
-    print("\n[Steer: topic]", text_of(driver, "#steer-status"), "without: " + value_of(driver, "steer-plain"),
-          "with:    " + value_of(driver, "steer-steered"), sep="\n  ")
-    print(" ->", screenshot(driver, out / "demo-steer-topic.png"))
+    steer(driver, "steer-topic-button", "Topic bag", "topic", out / "demo-steer-topic.png")
 
     assert_no_traceback(driver)
     print("\nresources loaded from outside the demo's server:", outside_requests(driver, url) or "none")
