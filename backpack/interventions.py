@@ -20,6 +20,7 @@ them restores the previous model exactly (bit for bit: the previous edit, or no 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -58,7 +59,7 @@ def _registry(model) -> _Registry:
     return registry
 
 
-class Intervention:
+class Intervention(ABC):
     """A change of some words' senses, active from construction until [`remove`] (or the end of a `with` block).
 
     Subclasses define `transform(token_id, senses (k, d)) -> (k, d)`.
@@ -71,8 +72,9 @@ class Intervention:
         self.token_ids = tuple(dict.fromkeys(int(t) for t in token_ids))
         self.active = False
 
+    @abstractmethod
     def transform(self, token_id: int, senses: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The new (k, d) senses of `token_id`, given its current ones."""
 
     def apply(self) -> Intervention:
         """Activate (done on construction); no-op if already active."""
