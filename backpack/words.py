@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -173,29 +171,15 @@ def check_finite(name: str, value: float) -> float:
     return number
 
 
-def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A Backpack folder (as exported by the trainer / the Hub) -> (model in eval mode, tokenizer).
+def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):
+    """A model folder or Hub id -> (model in eval mode, tokenizer); see [`backpack.loading.load_model`].
 
-    The folder's own tokenizer is used when it has one; otherwise GPT-2's (the Backpack's published tokenizer).
+    Backpacks load with the installed classes, never with the checkpoint's own code; the folder's own tokenizer is
+    used when it has one, otherwise GPT-2's (the Backpack's published tokenizer). `kwargs`: revision, token, ...
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .loading import load_model as load_by_name_or_path
 
-    # Hub names ("org/name") are allowed too; a missing local path gets a clear message, not a Hub lookup error.
-    if not os.path.exists(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        raise ValueError(f"model folder {path!r} does not exist")
-    kwargs = {"trust_remote_code": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        from .tokenizer import gpt2_tokenizer
-
-        tokenizer = gpt2_tokenizer()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_by_name_or_path(path, device, dtype, **kwargs)
 
 
 def senses_eval(model, token_ids: Sequence[int]) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
     python demo/app.py [MODEL_FOLDER] [--port 7860] [--host 127.0.0.1]
 
-MODEL_FOLDER is any exported Backpack folder (default: ``outputs/nano/model``, what the README's main command
-``bash scripts/quickstart.sh`` trains). The page has three tabs:
+MODEL_FOLDER is any exported Backpack folder, or a Hub id such as ``stanfordnlp/backpack-gpt2`` (default:
+``outputs/nano/model``, what the README's main command ``bash scripts/quickstart.sh`` trains). The page has three
+tabs:
 
 * Senses: a word -> each sense's top and bottom words (E·C(x)[ℓ]), one row per sense.
 * Explain: a sentence -> the next-word distribution at a position, α per sense, and the (context word, sense)
@@ -41,9 +42,9 @@ matplotlib.use("Agg")
 from backpack import plots  # noqa: E402
 from backpack.explain import encode_text, explain_prediction  # noqa: E402
 from backpack.interventions import scale_sense  # noqa: E402
+from backpack.loading import load_model  # noqa: E402
 from backpack.senses import read_senses, readable_vocab_size  # noqa: E402
 from backpack.topic import TOPIC_BAGS, TopicController, bag_token_ids, generate, topic_thresholds  # noqa: E402
-from backpack.words import load_model  # noqa: E402
 
 LOGGER = logging.getLogger("backpack.demo")
 
@@ -423,7 +424,7 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, blo
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Browser demo of a Backpack language model.")
     parser.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
-                        help="exported Backpack folder or Hub name (default: outputs/nano/model, from"
+                        help="exported Backpack folder or Hub id (default: outputs/nano/model, from"
                              " `bash scripts/quickstart.sh`)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
@@ -439,12 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        model, tokenizer = load_model(args.model)
+        # By folder or Hub id, with the installed Backpack classes (the checkpoint's own code is never run).
+        model, tokenizer = load_model(args.model, require_backpack=True)
     except (OSError, ValueError) as error:
         print(f"Could not load a Backpack from {args.model!r}: {error}", file=sys.stderr)
-        return 2
-    if not hasattr(model.config, "num_senses"):
-        print(f"{args.model!r} is not a Backpack (its config has no num_senses)", file=sys.stderr)
         return 2
     print(f"Starting the Backpack explorer on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
     launch(build_app(model, tokenizer, name=args.model), args.host, args.port, block=True)

@@ -23,9 +23,8 @@ elif _ROOT not in sys.path:
 
 from accelerate import Accelerator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from backpack.tokenizer import gpt2_tokenizer  # noqa: E402
+from backpack.loading import load_model  # noqa: E402
 from train.config import DataArguments, parse_args  # noqa: E402
 from train.data import check_data_source, collate_blocks, prepare_datasets  # noqa: E402
 from train.loss import evaluate  # noqa: E402
@@ -46,13 +45,12 @@ class EvalArguments:
 
 
 def load_model_and_tokenizer(path: str):
-    """The model (remote code allowed: a Backpack folder carries its own) and its tokenizer, or GPT-2's."""
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):  # a folder without tokenizer files: the model family's tokenizer
-        tokenizer = gpt2_tokenizer()
-    return model, tokenizer
+    """The model and its tokenizer (the folder's or Hub repo's own, else GPT-2's), through the package's loader.
+
+    A Backpack loads with the installed classes (its checkpoint's own code is never run), any other model with
+    ``AutoModelForCausalLM`` and ``trust_remote_code=False``; the model stays on the CPU for Accelerate to place.
+    """
+    return load_model(path, device=None)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,0 +1,326 @@
+"""Load a model and its tokenizer by Hub id or local folder, without running the checkpoint's own code.
+
+Every entry point of the package (``backpack.load_model``, the ``backpack`` command, ``train/evaluate.py``, the
+demo, ``hub_upload.py``'s reader) loads through :func:`load_model`:
+
+* The raw ``config.json`` is read first (a local file, or ``huggingface_hub.hf_hub_download``, which honours
+  ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``); nothing of the checkpoint is imported to do so.
+* A Backpack configuration (``model_type: backpack-gpt2``, or the published ``model_type: gpt2`` whose
+  ``architectures`` / ``auto_map`` name ``BackpackGPT2LMHeadModel`` / ``modeling_backpack_gpt2``) is loaded with
+  the INSTALLED ``BackpackGPT2LMHeadModel``. ``trust_remote_code=True`` would import the repo's own
+  ``modeling_backpack_gpt2.py`` instead: arbitrary code, and for ``stanfordnlp/backpack-gpt2`` the 2023 file that
+  fails on transformers 5.
+* Any other configuration (the trainer's GPT-2 baseline) is loaded with ``AutoModelForCausalLM`` and
+  ``trust_remote_code=False``.
+* Weights that are missing, left over or of the wrong shape are refused with their names: ``from_pretrained``
+  would initialise them at random and only log a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+CONFIG_FILE = "config.json"
+BACKPACK_MODEL_TYPE = "backpack-gpt2"
+BACKPACK_CLASS = "BackpackGPT2LMHeadModel"
+BACKPACK_MODULE = "modeling_backpack_gpt2"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# Buffers of old GPT-2 checkpoints that transformers rebuilds itself (its GPT-2 ignores them the same way).
+IGNORED_UNEXPECTED = re.compile(r"attn\.(masked_)?bias$")
+
+
+class ModelLoadError(ValueError):
+    """The model can't be loaded: the message names the path, Hub id, file or weights at fault."""
+
+
+def is_backpack_config(config: dict) -> bool:
+    """Whether a raw ``config.json`` describes a Backpack GPT-2.
+
+    True for ``model_type: "backpack-gpt2"`` (what the package saves), and for ``model_type: "gpt2"`` whose
+    ``architectures`` or ``auto_map`` name the Backpack class or module (the published ``stanfordnlp/backpack-gpt2``).
+    """
+    model_type = config.get("model_type")
+    if model_type == BACKPACK_MODEL_TYPE:
+        return True
+    if model_type != "gpt2":
+        return False
+    auto_map = config.get("auto_map") or {}
+    names = [*(config.get("architectures") or []), *(auto_map.values() if isinstance(auto_map, dict) else [])]
+    return any(BACKPACK_CLASS in str(name) or BACKPACK_MODULE in str(name) for name in names)
+
+
+def _is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache(cache_dir: str | os.PathLike | None) -> str:
+    from huggingface_hub import constants
+
+    return str(cache_dir or constants.HF_HUB_CACHE)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` or ``name`` as the Hub spells repo ids (a relative path of more parts is never one)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_file(repo_id: str, filename: str, *, revision: str | None, token: str | bool | None,
+              cache_dir: str | os.PathLike | None, required: bool) -> Path | None:
+    """A file of a Hub model repo through the Hub cache; None when an optional file is not there.
+
+    Raises:
+        ModelLoadError: a required file that can't be had, saying why (offline, no such repo / revision / file).
+    """
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download
+
+    where = f"the Hub model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir))
+    except hub_errors.LocalEntryNotFoundError as error:  # not cached, and the Hub was not (or could not be) asked
+        if not required:
+            return None
+        if _is_offline():
+            raise ModelLoadError(
+                f"{repo_id!r} is not a local folder, and {filename} of {where} is not in the Hub cache "
+                f"({_hub_cache(cache_dir)}) while HF_HUB_OFFLINE is set: download it once with network access "
+                f"(`hf download {repo_id}`), point HF_HUB_CACHE at a cache that holds it, or unset HF_HUB_OFFLINE"
+            ) from error
+        raise ModelLoadError(f"{repo_id!r} is not a local folder, and {filename} of {where} could neither be "
+                             f"fetched from the Hub nor found in the Hub cache ({_hub_cache(cache_dir)}): {error}"
+                             ) from error
+    except hub_errors.EntryNotFoundError as error:
+        if not required:
+            return None
+        raise ModelLoadError(f"{where} has no {filename}") from error
+    except hub_errors.RevisionNotFoundError as error:
+        raise ModelLoadError(f"{where}: no such revision ({error})") from error
+    except hub_errors.RepositoryNotFoundError as error:
+        raise ModelLoadError(f"{repo_id!r} is neither a local folder nor a model repo on the Hub that this token "
+                             f"can see (private or gated repos need token=...): {error}") from error
+    except hub_errors.HfHubHTTPError as error:
+        raise ModelLoadError(f"could not fetch {filename} of {where}: {error}") from error
+
+
+def read_config(name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+                cache_dir: str | os.PathLike | None = None) -> dict:
+    """The raw ``config.json`` of a local folder or a Hub model repo, read as JSON (no code is imported).
+
+    Raises:
+        ModelLoadError: the path does not exist or is not a folder, the folder has no config.json, the Hub id is
+            not reachable (offline and not cached, unknown repo or revision), or the file is not JSON.
+    """
+    name = os.fspath(name_or_path)
+    folder = Path(name).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise ModelLoadError(f"{name!r} is a file; give the model folder (config.json + weights)")
+        path = folder / CONFIG_FILE
+        if not path.is_file():
+            hint = f"; the trainer's export inside it is {folder / 'model'}" if (folder / "model" / CONFIG_FILE
+                                                                                   ).is_file() else ""
+            raise ModelLoadError(f"model folder {name!r} has no {CONFIG_FILE}{hint}")
+    elif _looks_like_hub_id(name):
+        path = _hub_file(name, CONFIG_FILE, revision=revision, token=token, cache_dir=cache_dir, required=True)
+    else:
+        raise ModelLoadError(f"model folder {name!r} does not exist (and it is not a Hub id of the form OWNER/NAME)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"can't read {path}: {error}") from error
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} is not a configuration (a JSON object)")
+    return config
+
+
+def _few(names: list[str], count: int = 5) -> str:
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "") or "none"
+
+
+def _check_loading_info(info: dict, where: str) -> None:
+    """Refuse weights that ``from_pretrained`` initialised at random, dropped, or could not fit.
+
+    Tied weights and the published checkpoint's aliases (``lm_head.weight`` = ``wte.weight`` = ``word_embeddings``)
+    are not reported as missing by ``from_pretrained``, so any name left here is a real gap.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(key for key in info.get("unexpected_keys") or () if not IGNORED_UNEXPECTED.search(key))
+    mismatched = sorted(_describe_mismatch(entry) for entry in info.get("mismatched_keys") or ())
+    if missing or unexpected or mismatched:
+        problems = [f"{label} {_few(names)}" for label, names in
+                    (("missing", missing), ("wrong shape", mismatched), ("unexpected", unexpected)) if names]
+        raise ModelLoadError(f"the weights in {where} do not fit its config.json: {'; '.join(problems)}")
+
+
+def _describe_mismatch(entry) -> str:
+    """``key (checkpoint shape vs model shape)`` from a mismatched_keys entry (a tuple, or a bare key)."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        key, checkpoint_shape, model_shape = entry
+        return f"{key} (checkpoint {tuple(checkpoint_shape)} vs config {tuple(model_shape)})"
+    return str(entry)
+
+
+def _check_local_weights(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(f"model folder {str(folder)!r} has a {CONFIG_FILE} but no weights "
+                             f"({', '.join(WEIGHT_FILES)})")
+
+
+def load_pretrained_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+    config: dict | None = None,
+    require_backpack: bool = False,
+):
+    """The model of a local folder or Hub repo, in eval mode on the CPU (see :func:`load_model`).
+
+    Args:
+        config: The raw config.json when the caller has read it already (:func:`read_config`).
+        require_backpack: Refuse a configuration that is not a Backpack.
+
+    Raises:
+        ModelLoadError: see :func:`load_model`.
+    """
+    name = os.fspath(name_or_path)
+    raw = config if config is not None else read_config(name, revision=revision, token=token, cache_dir=cache_dir)
+    backpack = is_backpack_config(raw)
+    if require_backpack and not backpack:
+        raise ModelLoadError(f"{name}'s {CONFIG_FILE} is not a Backpack GPT-2 configuration (model_type "
+                             f"{raw.get('model_type')!r}, architectures {raw.get('architectures')})")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        _check_local_weights(local)
+
+    kwargs: dict = dict(revision=revision, token=token, cache_dir=cache_dir, output_loading_info=True,
+                        # mismatched shapes are reported by name below instead of a RuntimeError
+                        ignore_mismatched_sizes=True)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        if backpack:
+            # The installed class: the checkpoint's own modeling file is never imported.
+            from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
+
+            model, info = BackpackGPT2LMHeadModel.from_pretrained(name, **kwargs)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, **kwargs)
+    except ModelLoadError:
+        raise
+    except OSError as error:  # a missing weights file, an unreachable Hub
+        offline = " (HF_HUB_OFFLINE is set: only the Hub cache is read)" if _is_offline() else ""
+        raise ModelLoadError(f"can't load the weights of {name!r}{offline}: {error}") from error
+    except ValueError as error:  # e.g. an unknown model_type whose code only the repo has
+        raise ModelLoadError(f"can't load {name!r} without running its own code (trust_remote_code is never "
+                             f"used for models that are not Backpacks): {error}") from error
+    _check_loading_info(info, name)
+    return model.eval()
+
+
+def _has_tokenizer(name: str, *, revision: str | None, token: str | bool | None,
+                   cache_dir: str | os.PathLike | None) -> bool:
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return any((local / file).is_file() for file in TOKENIZER_FILES)
+    return any(_hub_file(name, file, revision=revision, token=token, cache_dir=cache_dir, required=False) is not None
+               for file in TOKENIZER_FILES)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, model_max_length: int | None = None,
+                   revision: str | None = None, token: str | bool | None = None,
+                   cache_dir: str | os.PathLike | None = None):
+    """The repo's own tokenizer if it has one, else GPT-2's (built offline); EOS doubles as pad when none is set.
+
+    The published ``stanfordnlp/backpack-gpt2`` ships no tokenizer: it uses GPT-2's unchanged.
+
+    Raises:
+        ModelLoadError: the repo's tokenizer files exist but do not load without its own code.
+    """
+    name = os.fspath(name_or_path)
+    if _has_tokenizer(name, revision=revision, token=token, cache_dir=cache_dir):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, token=token, cache_dir=cache_dir,
+                                                      trust_remote_code=False)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"the tokenizer files of {name!r} do not load: {error}") from error
+    else:
+        from .tokenizer import gpt2_tokenizer
+
+        tokenizer = gpt2_tokenizer(**({"model_max_length": model_max_length} if model_max_length else {}))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+    require_backpack: bool = False,
+):
+    """A model and its tokenizer, by Hub id (``"stanfordnlp/backpack-gpt2"``) or local folder.
+
+    Backpacks load with the installed ``BackpackGPT2LMHeadModel`` (never the checkpoint's own code files), other
+    configurations with ``AutoModelForCausalLM`` and ``trust_remote_code=False``. Works offline from the Hub cache
+    (``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE``).
+
+    Args:
+        name_or_path: A local folder (config.json + weights) or a Hub model id.
+        device: Where to put the model; None leaves it on the CPU where it was loaded.
+        dtype: Parameter dtype (default: float32, whatever the checkpoint stores).
+        revision: Hub branch, tag, commit or ``"refs/pr/N"``.
+        token: Hugging Face token for private or gated repos (default: the logged-in one).
+        cache_dir: Hub cache folder (default: HF_HUB_CACHE).
+        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...
+        require_backpack: Refuse a configuration that is not a Backpack.
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode; the repo's tokenizer, else GPT-2's, with a pad token.
+
+    Raises:
+        ModelLoadError (a ValueError): a path that does not exist, a Hub id that is not cached while offline,
+            a folder without config.json or weights, weights that are missing or do not fit the configuration.
+    """
+    name = os.fspath(name_or_path)
+    config = read_config(name, revision=revision, token=token, cache_dir=cache_dir)
+    model = load_pretrained_model(name, dtype=dtype, revision=revision, token=token, cache_dir=cache_dir,
+                                  attn_implementation=attn_implementation, config=config,
+                                  require_backpack=require_backpack)
+    if device is not None:
+        model = model.to(device)
+    tokenizer = load_tokenizer(name, model_max_length=getattr(model.config, "n_positions", None),
+                               revision=revision, token=token, cache_dir=cache_dir)
+    return model, tokenizer
