@@ -16,10 +16,12 @@ The state dict has exactly the published checkpoint's names (``stanfordnlp/backp
 ``backpack.word_embeddings`` is ``backpack.gpt2_model.wte`` is ``lm_head``, and ``backpack.position_embeddings``
 is ``backpack.gpt2_model.wpe``.
 
-Incremental decoding keeps everything a step needs in one transformers `DynamicCache`: layers ``0 .. n_layer-1``
-hold GPT-2's keys and values, and one more layer (index ``n_layer``) holds the Backpack's own state, the
-contextualization keys ``k_ℓ`` (batch, k, seq, d/k) as its keys and the senses ``C(x_j)`` (batch, k, seq, d) as its
-values. Beam search, cropping and batch selection then work on it like on any other cache layer.
+Incremental decoding uses a Backpack cache: a transformers `DynamicCache` or `StaticCache` whose `layers` are the
+Transformer's (one per GPT-2 block, as every cache tool expects) plus a `sense_layer` beside them holding the
+contextualization keys k_ℓ (batch, k, seq, d/k) and the senses C(x_j) (batch, k, seq, d). Beam search, cropping,
+batch selection and `generate(cache_implementation="static")` handle both. A decoding step asks the device nothing
+back (no `.item()`, no data-dependent shapes), so it can be captured by `torch.compile(fullgraph=True)` and CUDA
+graphs.
 
 This module imports only torch and transformers, so it travels to the Hub on its own with
 ``configuration_backpack_gpt2.py``.
@@ -34,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
+from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Model, GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
@@ -47,7 +50,7 @@ except ImportError:  # As a top-level module installed by setup.py.
     from configuration_backpack_gpt2 import BackpackGPT2Config
 
 
-SenseWeights = torch.Tensor | Callable[[torch.LongTensor, int], torch.Tensor]
+SenseWeights = torch.Tensor | Callable[[torch.LongTensor | None, int | torch.Tensor], torch.Tensor]
 
 # transformers 5.24 renamed `past_key_values` to `cache`; speak to the installed GPT-2 in its own words.
 _GPT2_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
@@ -69,6 +72,8 @@ class BackpackGPT2BaseModelOutput(ModelOutput):
             version's name `past_key_values`, where its `generate()` looks for it).
         hidden_states: GPT-2 contextualization network states, one per layer plus the embeddings, when
             `output_hidden_states`.
+        attentions: GPT-2's attention maps, one (batch, heads, query, key) per layer, when `output_attentions`
+            (the eager attention implementation computes them; fused kernels never form them).
         contextualization: α, (batch, senses, query, key), when `output_contextualization`.
         senses: C(x_j) of every key position, (batch, senses, key, d), when `output_senses`.
     """
@@ -76,6 +81,7 @@ class BackpackGPT2BaseModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     contextualization: torch.FloatTensor | None = None
     senses: torch.FloatTensor | None = None
 
@@ -91,19 +97,108 @@ class BackpackGPT2LMHeadModelOutput(ModelOutput):
     Args:
         loss: Next-token cross-entropy, when `labels` are given.
         logits: `E o`, (batch, seq, vocab).
-        cache, hidden_states, contextualization, senses: as in [`BackpackGPT2BaseModelOutput`].
+        cache, hidden_states, attentions, contextualization, senses: as in [`BackpackGPT2BaseModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     contextualization: torch.FloatTensor | None = None
     senses: torch.FloatTensor | None = None
 
     def __post_init__(self):
         super().__post_init__()
         _expose_legacy_cache_name(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 0. The cache: GPT-2's layers, plus the senses and contextualization keys of every position seen so far.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BackpackCacheMixin:
+    """What a Backpack adds to a transformers cache: `sense_layer`, beside (not among) the Transformer's `layers`.
+
+    The sense layer is a cache layer of the same kind as the others (dynamic or static) whose keys are the
+    contextualization keys (batch, k, seq, d/k) and whose values are the senses (batch, k, seq, d). Every operation
+    that `generate()` applies to the cache (beam reordering, cropping, batch expansion and selection, reset)
+    applies to it too.
+    """
+
+    sense_layer: DynamicLayer | StaticLayer
+
+    def update_senses(self, keys: torch.Tensor, senses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' keys and senses; returns those of every cached position (static: all slots)."""
+        return self.sense_layer.update(keys, senses)
+
+    @property
+    def is_static_backpack(self) -> bool:
+        """Whether the sense layer is a fixed-size buffer (key axis = `max_cache_len`, unused slots masked)."""
+        return isinstance(self.sense_layer, StaticLayer)
+
+    def reset(self) -> None:
+        super().reset()
+        self.sense_layer.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.sense_layer.reorder_cache(beam_idx)
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        self.sense_layer.crop(max_length)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.sense_layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.sense_layer.batch_select_indices(indices)
+
+    @property
+    def is_compileable(self) -> bool:
+        return super().is_compileable and self.sense_layer.is_compileable
+
+
+class BackpackDynamicCache(BackpackCacheMixin, DynamicCache):
+    """A `DynamicCache` (grows with every step) that also caches the Backpack's senses and contextualization keys."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sense_layer = DynamicLayer()
+
+
+class BackpackStaticCache(BackpackCacheMixin, StaticCache):
+    """A `StaticCache` (fixed-size buffers, for `torch.compile` and CUDA graphs) that also holds the senses."""
+
+    def __init__(self, config, max_cache_len: int, *args, **kwargs):
+        super().__init__(config, max_cache_len, *args, **kwargs)
+        self.sense_layer = StaticLayer(max_cache_len=max_cache_len)
+
+
+def as_backpack_cache(cache: Cache) -> Cache:
+    """`cache` with a sense layer: Backpack caches as they are; a plain `DynamicCache` or `StaticCache` in place.
+
+    In place (its class gains the sense layer) so that a cache the caller built, e.g. `DynamicCache(config=...)`
+    as the transformers docs show, keeps working through the caller's own reference.
+    """
+    if isinstance(cache, BackpackCacheMixin):
+        return cache
+    if type(cache) is DynamicCache:
+        cache.__class__ = BackpackDynamicCache
+        cache.sense_layer = DynamicLayer()
+    elif type(cache) is StaticCache:
+        cache.__class__ = BackpackStaticCache
+        cache.sense_layer = StaticLayer(max_cache_len=cache.layers[0].max_cache_len)
+    else:
+        raise ValueError(
+            f"Backpack GPT-2 keeps its senses in a DynamicCache or a StaticCache; got {type(cache).__name__}. "
+            "Use the default cache or cache_implementation='static'."
+        )
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,26 +300,27 @@ class BackpackWeightNetwork(nn.Module):
 
 
 def sense_attention_mask(
-    attention_mask: torch.Tensor | None, query_length: int, past_length: int, device: torch.device
+    attention_mask: torch.Tensor | None, query_positions: torch.Tensor, key_length: int
 ) -> torch.Tensor:
-    """Which keys each query may weigh: causal over absolute positions, padded keys excluded.
+    """Which keys each query may weigh: causal over absolute cache positions, padded keys excluded.
 
-    Query i sits at position `past_length + i`. A padded query still sees itself, so that no row is empty (an
-    all-masked softmax is NaN); its output is never used. Shapes: (batch, 1, query, key) boolean, True = allowed
-    ((1, 1, query, key) without `attention_mask`).
+    `query_positions` (query,) are the new tokens' slots in the cache (`past_length + i`). Keys past
+    `attention_mask`'s end (a static cache's unused slots) are excluded. A padded query still sees itself, so that
+    no row is empty (an all-masked softmax is NaN); its output is never used.
+
+    Shapes: attention_mask (batch, ≤ key) or None -> (batch | 1, 1, query, key) boolean, True = allowed.
     """
-    key_length = past_length + query_length
-    query_positions = torch.arange(past_length, key_length, device=device)[:, None]
-    key_positions = torch.arange(key_length, device=device)[None, :]
-    allowed = (key_positions <= query_positions)[None, None]
+    key_positions = torch.arange(key_length, device=query_positions.device)
+    allowed = (key_positions[None, :] <= query_positions[:, None])[None, None]
     if attention_mask is not None:
-        keys_kept = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-        allowed = (allowed & keys_kept) | (key_positions == query_positions)
+        keys_kept = attention_mask.to(device=query_positions.device, dtype=torch.bool)
+        keys_kept = F.pad(keys_kept, (0, key_length - keys_kept.shape[-1]))[:, None, None, :]
+        allowed = (allowed & keys_kept) | (key_positions[None, :] == query_positions[:, None])[None, None]
     return allowed
 
 
 def contextualization_weights(
-    queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+    queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """α[ℓ, i, j] = softmax_j(q_ℓ,i · k_ℓ,j · scaling), over allowed keys only.
 
@@ -232,8 +328,7 @@ def contextualization_weights(
     α (batch, k, query, key). The softmax runs in float32 at least, then returns to the queries' dtype.
     """
     scores = torch.matmul(queries, keys.transpose(-1, -2)) * scaling
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
 
 
@@ -250,39 +345,42 @@ def weighted_sense_sum(contextualization: torch.Tensor, senses: torch.Tensor) ->
     return torch.matmul(contextualization, senses).sum(dim=1)
 
 
+def decoding_step_sense_sum(
+    queries: torch.Tensor, keys: torch.Tensor, senses: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """o for one new position per row: α (batch, k, 1, key) is small, so it is formed, and the sum over (sense, key)
+    pairs is one matmul: (batch, 1, k·key) @ (batch, k·key, d).
+
+    Shapes: queries (batch, k, 1, d/k), keys (batch, k, key, d/k), senses (batch, k, key, d),
+    allowed (batch|1, 1, 1, key) or None (every key) -> o (batch, 1, d).
+    """
+    scores = torch.matmul(queries, keys.transpose(-1, -2)) * scaling
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(senses.dtype)
+    batch_size = queries.shape[0]
+    return torch.matmul(weights.reshape(batch_size, 1, -1), senses.reshape(batch_size, -1, senses.shape[-1]))
+
+
 def fused_weighted_sense_sum(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    senses: torch.Tensor,
-    allowed: torch.Tensor | None,
-    is_causal: bool,
-    scaling: float,
+    queries: torch.Tensor, keys: torch.Tensor, senses: torch.Tensor, allowed: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """o = Σ_ℓ softmax(q_ℓ k_ℓᵀ · scaling) @ C[ℓ] as attention with the senses as values.
 
     `scaled_dot_product_attention` never materialises the (batch, k, query, key) weights on its fused kernels,
-    which is where a Backpack's extra memory over GPT-2 would otherwise go.
+    which is where a Backpack's extra memory over GPT-2 would otherwise go. `allowed=None` means causal from
+    position 0 (no cache, no padding).
 
-    Shapes: queries (batch, k, query, d/k), keys (batch, k, key, d/k), senses (batch, k, key, d) ->
-    o (batch, query, d).
+    Shapes: queries (batch, k, query, d/k), keys (batch, k, key, d/k), senses (batch, k, key, d),
+    allowed (batch|1, 1, query, key) or None -> o (batch, query, d).
     """
-    if queries.shape[2] == 1 and allowed is None:
-        # A decoding step: its weights are only (batch, k, 1, key), and one matmul over (sense, key) pairs beats
-        # sdpa's general path for a single query.
-        batch = queries.shape[0]
-        weights = torch.softmax(
-            torch.matmul(queries, keys.transpose(-1, -2)) * scaling,
-            dim=-1,
-            dtype=torch.promote_types(queries.dtype, torch.float32),
-        ).to(senses.dtype)
-        return torch.matmul(weights.reshape(batch, 1, -1), senses.reshape(batch, -1, senses.shape[-1]))
-    if queries.device.type == "cpu" and queries.shape[2] > 1 and queries.shape[-1] != senses.shape[-1]:
+    if queries.device.type == "cpu" and queries.shape[-1] != senses.shape[-1]:
         # CPU's fused (flash) kernel wants one head size for q, k and v; zero-padding q and k to d keeps q·k as is.
         # (CUDA's memory-efficient and cuDNN kernels take the senses' larger head size directly.)
         padding = (0, senses.shape[-1] - queries.shape[-1])
         queries, keys = F.pad(queries, padding), F.pad(keys, padding)
     output = F.scaled_dot_product_attention(
-        queries, keys, senses, attn_mask=allowed, is_causal=is_causal, scale=scaling
+        queries, keys, senses, attn_mask=allowed, is_causal=allowed is None, scale=scaling
     )
     return output.sum(dim=1)
 
@@ -302,9 +400,34 @@ class BackpackGPT2PreTrainedModel(GPT2PreTrainedModel):
     _no_split_modules = ["GPT2Block", "BackpackSenseNetwork"]
     _supports_flash_attn = True
     _supports_sdpa = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     # Published checkpoints may still carry GPT-2's old causal-mask buffers.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The published recipe, written out so that it does not depend on transformers' per-class defaults.
+
+        Every linear layer and embedding ~ N(0, initializer_range), biases 0, LayerNorms (1, 0). Output
+        projections of residual branches are scaled down by the number of residual layers they add to: GPT-2's
+        attention and MLP by 1/sqrt(2·n_layer), the sense network's two MLPs by 1/sqrt(2·1) (its one block, as the
+        paper's code configures it): 0.0141 for the default 0.02.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, Conv1D)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        # Parents are initialised after their children, so these rescalings win over the plain N(0, std) above.
+        if isinstance(module, (GPT2Attention, GPT2MLP)):
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        elif isinstance(module, BackpackMLP):
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * 1))
 
 
 class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
@@ -333,8 +456,9 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         # Persistent sense edits {token id: (k, d) replacement senses}; not saved with the weights.
         self.sense_edits: dict[int, torch.Tensor] = {}
         self.gradient_checkpointing = False
-        # Optional (k, vocab, d) table of every word's senses, for fast inference (see `precompute_senses`).
-        self.sense_table: torch.Tensor | None = None
+        # Optional (k, vocab, d) table of every word's senses, for fast inference (see `precompute_senses`). A
+        # buffer, so that it follows `.to(device/dtype)`; non-persistent, so that it is never saved.
+        self.register_buffer("sense_table", None, persistent=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -347,22 +471,27 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
 
     # --- senses ---------------------------------------------------------------------------------------------
 
-    def compute_senses(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """C(x) for every token, with any sense edits applied: (batch, seq) -> (batch, k, seq, d).
+    def compute_senses(
+        self, input_ids: torch.LongTensor | None, word_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """C(x) for every position, with any sense edits applied: (batch, seq) -> (batch, k, seq, d).
 
-        C(x) depends on the word alone, so it is computed once per distinct token of the batch and gathered: real
-        text repeats words, and the sense network is the Backpack's most expensive per-token part. (In training a
-        word's dropout mask is therefore shared by its occurrences within the batch.)
+        From the precomputed table when there is one (inference), otherwise from `word_embeddings` (E x, computed
+        from `input_ids` if not given). Positions given only as embeddings have no word, so sense edits and the
+        table do not apply to them. Every position is computed separately (no de-duplication), so that shapes
+        never depend on the data: a decoding step and a training step each capture as one graph.
         """
-        words, positions = torch.unique(input_ids, return_inverse=True)
-        if self.sense_table is not None and not (self.training and torch.is_grad_enabled()):
-            word_senses = self.sense_table[:, words]
+        if self.sense_table is not None and input_ids is not None and not (self.training and torch.is_grad_enabled()):
+            senses = self.sense_table[:, input_ids].transpose(0, 1)  # (k, batch, seq, d) -> (batch, k, seq, d)
         else:
-            word_senses = self.sense_network(self.word_embeddings(words)[None])[0]  # (k, words, d)
-        for token_id, edited in self.sense_edits.items():
-            word_senses = torch.where((words == token_id)[None, :, None], edited.to(word_senses)[:, None], word_senses)
-        sense_index = torch.arange(self.num_senses, device=input_ids.device)[None, :, None]
-        return word_senses[sense_index, positions[:, None, :]]  # (batch, k, seq, d)
+            if word_embeddings is None:
+                word_embeddings = self.word_embeddings(input_ids)
+            senses = self.sense_network(word_embeddings)
+        if input_ids is not None:
+            for token_id, edited in self.sense_edits.items():
+                is_word = (input_ids == token_id)[:, None, :, None]
+                senses = torch.where(is_word, edited.to(senses)[None, :, None, :], senses)
+        return senses
 
     @torch.no_grad()
     def precompute_senses(self, chunk_size: int = 2048) -> None:
@@ -388,42 +517,86 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
 
     # --- forward --------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _past_length(cache: Cache | None) -> int | torch.Tensor:
+        """Positions already cached: an int for a dynamic cache, a 0-d tensor for a static one (no device sync)."""
+        return 0 if cache is None else cache.sense_layer.get_seq_length()
+
     def _check_inputs(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, past_length: int
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_length: int | torch.Tensor,
+        cache: Cache | None,
     ) -> None:
-        """Clear errors for what would otherwise fail deep inside (or, on CUDA, as a device-side assert)."""
-        if input_ids.dim() != 2:
+        """Clear errors for what would otherwise fail deep inside (or, on CUDA, as a device-side assert).
+
+        Only shapes are checked on every call. Token ids are checked where it costs no device round trip: on CPU
+        tensors, and on CUDA once per sequence (at the prefill, which covers `generate()`, whose later tokens are
+        the model's own), never inside a decoding step or a compiled graph.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (batch, seq) and inputs_embeds (batch, seq, n_embd)")
+        if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        if input_ids.numel() and not torch.compiler.is_compiling():
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.embed_dim):
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, seq, n_embd={self.embed_dim}), got {tuple(inputs_embeds.shape)}"
+            )
+        given = input_ids if input_ids is not None else inputs_embeds
+        batch_size, query_length = given.shape[:2]
+        if query_length == 0:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(f"empty input: {name} has shape {tuple(given.shape)}; give at least one token")
+        static = cache is not None and cache.is_static_backpack
+        prefill = not cache.sense_layer.is_initialized if static else cache is None or past_length == 0
+        if input_ids is not None and not torch.compiler.is_compiling() and (input_ids.device.type == "cpu" or prefill):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(
                     f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
                 )
-        total_length = past_length + input_ids.shape[1]
+        if static:
+            # The cached length is on the device; the buffer's size bounds it (checked per generate() as well).
+            if query_length > cache.sense_layer.max_cache_len:
+                raise ValueError(f"{query_length} new tokens do not fit a static cache of "
+                                 f"{cache.sense_layer.max_cache_len} positions")
+            return
+        total_length = past_length + query_length
         if total_length > self.config.n_positions:
             raise ValueError(
-                f"sequence length {total_length} (cached {past_length} + new {input_ids.shape[1]}) exceeds "
+                f"sequence length {total_length} (cached {past_length} + new {query_length}) exceeds "
                 f"n_positions={self.config.n_positions}, the longest sequence this model can read"
             )
-        if attention_mask is not None and tuple(attention_mask.shape) != (input_ids.shape[0], total_length):
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total_length):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
-                f"{(input_ids.shape[0], total_length)}"
+                f"{(batch_size, total_length)}"
             )
 
-    def _backpack_cache_layer(self, cache: Cache) -> int:
-        """Index of the cache layer that holds the contextualization keys and senses, creating it if needed."""
-        if not isinstance(cache, DynamicCache):
-            raise ValueError(
-                f"Backpack GPT-2 caches its senses in a DynamicCache; got {type(cache).__name__}. "
-                "Use the default cache (no `cache_implementation`)."
-            )
-        layer_idx = self.config.n_layer
-        while len(cache.layers) <= layer_idx:
-            cache.layers.append(DynamicLayer())
-        return layer_idx
+    def _reweight_senses(
+        self,
+        senses: torch.Tensor,
+        sense_weights: SenseWeights,
+        input_ids: torch.LongTensor | None,
+        past_length: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """C(x_j)[ℓ] · δ[ℓ, j]: the senses of every key position scaled by `sense_weights`.
+
+        Scaling the values by δ is scaling α[ℓ, i, j] by δ[ℓ, j], since o is linear in both. Shapes: senses
+        (batch, k, key, d), δ broadcastable to (batch, k, cached + new) -> (batch, k, key, d); on a static cache
+        the slots past the sequence are masked anyway, so δ is padded with ones to the buffer's size.
+        """
+        weights = sense_weights(input_ids, past_length) if callable(sense_weights) else sense_weights
+        weights = torch.as_tensor(weights, device=senses.device).to(senses.dtype)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights).all()):
+            raise ValueError("sense_weights contains NaN or inf")
+        batch_size, num_senses, key_length, _ = senses.shape
+        if weights.dim() and weights.shape[-1] not in (1, key_length):
+            weights = F.pad(weights, (0, key_length - weights.shape[-1]), value=1.0)
+        return senses * weights.expand(batch_size, num_senses, key_length)[..., None]
 
     def forward(
         self,
@@ -432,103 +605,119 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        sense_weights: SenseWeights | None = None,
         output_contextualization: bool = False,
         output_senses: bool = False,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        sense_weights: SenseWeights | None = None,
-        inputs_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BackpackGPT2BaseModelOutput:
-        """Backpack output `o` for `input_ids`, continuing from `cache` if given.
+    ) -> BackpackGPT2BaseModelOutput | tuple:
+        """Backpack output `o` for `input_ids` (or `inputs_embeds`), continuing from `cache` if given.
 
         Args:
-            input_ids: (batch, seq) token ids; required, since senses are functions of words.
+            input_ids: (batch, seq) token ids.
             attention_mask: (batch, cached + seq), 1 for tokens and 0 for padding (left or right).
             position_ids: (batch, seq); by default counted from the first non-padding token.
-            cache: A `DynamicCache` from an earlier call (`past_key_values` is the same, by its old name).
+            cache: A cache from an earlier call (`past_key_values` is the same, by its old name); a plain
+                `DynamicCache` or `StaticCache` gains the Backpack's sense layer in place.
+            inputs_embeds: (batch, seq, d) instead of `input_ids`: rows of the word embedding E, or any vectors
+                (soft prompts). The senses are then C = SenseNetwork(inputs_embeds), which equals the ids path when
+                the rows are E's.
             sense_weights: δ multiplying α[ℓ, i, j] per (sense, key): a tensor broadcastable to
                 (batch, k, cached + seq), or a callable `(input_ids, past_length) -> tensor` called each step.
                 The cache keeps the senses unweighted.
-            output_contextualization: also return α (batch, k, seq, cached + seq).
-            output_senses: also return the senses of every key position (batch, k, cached + seq, d).
+            output_contextualization: also return α (batch, k, seq, key).
+            output_senses: also return the senses of every key position (batch, k, key, d).
+            output_attentions, output_hidden_states: GPT-2's attention maps / states (default: the config's).
         """
-        if input_ids is None:
-            raise ValueError(
-                "Backpack GPT-2 needs input_ids: its senses are functions of the words themselves, so "
-                "inputs_embeds alone cannot be used" if inputs_embeds is not None else "input_ids is required"
-            )
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the checkpointed replay would write the cache twice
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
-        past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_inputs(input_ids, attention_mask, past_length)
-        query_length = input_ids.shape[1]
+        elif cache is None:
+            cache = BackpackDynamicCache(config=self.config)
+        else:
+            cache = as_backpack_cache(cache)
+        past_length = self._past_length(cache)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, cache)
 
+        word_embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        query_length = word_embeddings.shape[1]
         if position_ids is None and attention_mask is not None:
             # Left padding: positions count from each row's first real token, as GPT-2 was trained.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_length:]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
 
         # 1. Senses C(x_j) of the new tokens: (batch, k, seq, d).
-        senses = self.compute_senses(input_ids)
+        senses = self.compute_senses(input_ids, word_embeddings)
 
-        # 2. Contextualization: GPT-2 states -> per-sense queries and keys.
+        # 2. Contextualization: GPT-2 states -> per-sense queries and keys. GPT-2 gets the embeddings rather than
+        # the ids: the same E x, looked up once, and no padding heuristic that would read token ids back.
         contextual = self.gpt2_model(
-            input_ids,
-            **{_GPT2_CACHE_ARGUMENT: cache},
+            inputs_embeds=word_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            **{_GPT2_CACHE_ARGUMENT: cache},
             **kwargs,
         )
         queries, keys = self.sense_weight_net(contextual.last_hidden_state)
         if cache is not None:
-            keys, senses = cache.update(keys, senses, self._backpack_cache_layer(cache))
+            keys, senses = cache.update_senses(keys, senses)
         key_length = keys.shape[2]
-
         values = senses
         if sense_weights is not None:
-            weights = sense_weights(input_ids, past_length) if callable(sense_weights) else sense_weights
-            values = senses * weights.to(senses.dtype).expand(senses.shape[0], self.num_senses, key_length)[..., None]
+            values = self._reweight_senses(senses, sense_weights, input_ids, past_length)
 
-        # 3. Weighted sum o = Σ_ℓ α[ℓ] @ C[ℓ]: fused unless the weights themselves are wanted.
-        has_padding = attention_mask is not None and not bool(attention_mask.all())
+        # 3. Weighted sum o = Σ_ℓ α[ℓ] @ C[ℓ]. A mask is needed for padding, for a static cache's unused slots and
+        # for several new tokens after cached ones; otherwise causality from position 0 (or one new token seeing
+        # every key) says it all, and the fused kernels run unmasked.
+        static = cache is not None and cache.is_static_backpack
         allowed = None
-        if has_padding or 1 < query_length < key_length:
-            allowed = sense_attention_mask(attention_mask if has_padding else None, query_length, past_length,
-                                           input_ids.device)
+        if attention_mask is not None or static or (cache is not None and past_length > 0 and query_length > 1):
+            query_positions = past_length + torch.arange(query_length, device=keys.device)
+            allowed = sense_attention_mask(attention_mask, query_positions, key_length)
         scaling = self.sense_weight_net.scaling
         contextualization = None
         if output_contextualization or self.config._attn_implementation == "eager":
-            if allowed is None and query_length > 1:
-                allowed = sense_attention_mask(None, query_length, past_length, input_ids.device)
+            if allowed is None:
+                allowed = sense_attention_mask(None, past_length + torch.arange(query_length, device=keys.device),
+                                               key_length)
             contextualization = contextualization_weights(queries, keys, allowed, scaling)
             hidden_states = weighted_sense_sum(contextualization, values)
+        elif cache is not None and query_length == 1:
+            hidden_states = decoding_step_sense_sum(queries, keys, values, allowed, scaling)
         else:
-            is_causal = allowed is None and query_length > 1
-            hidden_states = fused_weighted_sense_sum(queries, keys, values, allowed, is_causal, scaling)
+            hidden_states = fused_weighted_sense_sum(queries, keys, values, allowed, scaling)
 
-        return BackpackGPT2BaseModelOutput(
+        output = BackpackGPT2BaseModelOutput(
             last_hidden_state=hidden_states,
             cache=cache,
             hidden_states=contextual.hidden_states,
+            attentions=contextual.attentions,
             contextualization=contextualization if output_contextualization else None,
             senses=senses if output_senses else None,
         )
+        return output if return_dict else output.to_tuple()
 
 
 class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
     """Backpack GPT-2 language model: logits = E o, with E tied to the word embedding.
 
-    Works with `generate()` (greedy, sampling, beam search; left-padded batches) and
-    `pipeline("text-generation")`. Sense-level control lives here too: `sense_vectors`, `sense_logits`,
-    `set_sense_edit` / `remove_sense_edits`, and the `sense_weights` forward argument.
+    Works with `generate()` (greedy, sampling, beam search, assisted decoding; left-padded batches; the default
+    or a static cache, compiled or not) and `pipeline("text-generation")`. Sense-level control lives here too:
+    `sense_vectors`, `sense_logits`, `set_sense_edit` / `remove_sense_edits`, and the `sense_weights` argument.
     """
 
     _tied_weights_keys = {"lm_head.weight": "backpack.gpt2_model.wte.weight"}
@@ -537,6 +726,7 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backpack = BackpackGPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # transformers reads the loss from the class name, which does not say it
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -551,6 +741,20 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """transformers' cache for `generate()`, given the Backpack's sense layer before any (compiled) forward."""
+        prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        for name in ("cache", "past_key_values"):
+            if model_kwargs.get(name) is None:
+                continue
+            cache = as_backpack_cache(model_kwargs[name])
+            if cache.is_static_backpack and generation_config.max_length > self.config.n_positions:
+                raise ValueError(
+                    f"generate() would reach {generation_config.max_length} tokens, past n_positions="
+                    f"{self.config.n_positions}, the longest sequence this model can read: lower max_new_tokens"
+                )
+        return prepared
+
     # --- 4. logits ------------------------------------------------------------------------------------------
 
     def forward(
@@ -563,6 +767,7 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_contextualization: bool = False,
         output_senses: bool = False,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,
@@ -582,11 +787,13 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache if cache is not None else past_key_values,
             use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+            sense_weights=sense_weights,
             output_contextualization=output_contextualization,
             output_senses=output_senses,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            sense_weights=sense_weights,
-            inputs_embeds=inputs_embeds,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -605,10 +812,11 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             contextualization=outputs.contextualization,
             senses=outputs.senses,
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
 
     # --- sense-level readout and control --------------------------------------------------------------------
@@ -616,13 +824,13 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
     def _token_ids(self, token_ids: Iterable[int] | torch.Tensor) -> torch.LongTensor:
         """1-D LongTensor of token ids on the model's device, checked against the vocabulary."""
         ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids)
-        ids = ids.reshape(-1).to(device=self.device, dtype=torch.long)
+        ids = ids.reshape(-1).to(dtype=torch.long)
         if ids.numel() == 0:
             raise ValueError("no token ids given")
         bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
         if bad.numel():
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
-        return ids
+        return ids.to(self.device)
 
     def sense_vectors(self, token_ids: Iterable[int] | torch.Tensor) -> torch.Tensor:
         """C(x) for each token id, sense edits included: (n,) -> (n, k, d)."""
@@ -663,7 +871,13 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
             self.backpack.sense_edits.pop(int(token_id), None)
 
 
-__all__ = ["BackpackGPT2Model", "BackpackGPT2LMHeadModel", "BackpackGPT2PreTrainedModel"]
+__all__ = [
+    "BackpackDynamicCache",
+    "BackpackGPT2LMHeadModel",
+    "BackpackGPT2Model",
+    "BackpackGPT2PreTrainedModel",
+    "BackpackStaticCache",
+]
 
 # `save_pretrained` then writes `auto_map` and copies this file and the configuration beside the weights.
 BackpackGPT2LMHeadModel.register_for_auto_class("AutoModelForCausalLM")

@@ -195,7 +195,8 @@ def test_cache_holds_contextualization_keys_and_senses():
     config = model.config
     with torch.no_grad():
         cache = model(random_batch(0, 2, 7), use_cache=True).cache
-    backpack_layer = cache.layers[config.n_layer]
+    assert len(cache.layers) == config.n_layer  # tools that walk the layers see the Transformer's
+    backpack_layer = cache.sense_layer
     head_dim = config.n_embd // config.num_senses
     assert backpack_layer.keys.shape == (2, config.num_senses, 7, head_dim)
     assert backpack_layer.values.shape == (2, config.num_senses, 7, config.n_embd)
@@ -455,9 +456,11 @@ def test_mismatched_attention_mask_is_refused():
         tiny_model()(torch.zeros(2, 6, dtype=torch.long), attention_mask=torch.ones(2, 5))
 
 
-def test_inputs_embeds_without_ids_is_refused():
-    with pytest.raises(ValueError, match="senses are functions of the words"):
-        tiny_model()(inputs_embeds=torch.zeros(1, 3, 32))
+def test_inputs_embeds_and_ids_together_are_refused():
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        tiny_model()(torch.zeros(1, 3, dtype=torch.long), inputs_embeds=torch.zeros(1, 3, 32))
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \(batch, seq, n_embd=32\)"):
+        tiny_model()(inputs_embeds=torch.zeros(1, 3, 31))
 
 
 # --- tokenizer, pipeline and a fresh process ------------------------------------------------------------------
