@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .explain import forward_with_parts
-from .words import SubwordPolicy, check_finite, check_policy, check_sense_index, resolve_word
+from .words import SubwordPolicy, check_finite, check_finite_tensor, check_policy, check_sense_index, resolve_word
 
 PROFESSIONS: tuple[str, ...] = (
     "accountant", "farmer", "baker", "assistant", "construction", "guard", "carpenter", "analyst", "physician",
@@ -125,6 +125,8 @@ def prompt_effects(model, tokenizer, profession: str, prompts: Sequence[str], se
     alpha = out.contextualization[:, sense, -1].double()  # (batch, key): the last position's weights
     hit = (torch.isin(ids, edited) & mask.bool()).to(alpha.device)
     slope = (alpha * hit * (out.senses[:, sense].double() @ direction)).sum(dim=-1).cpu()
+    check_finite_tensor(f"the he/she logits for {profession!r}", base)
+    check_finite_tensor(f"the sense-{sense} effects for {profession!r}", slope)
     return PromptEffects(base, slope)
 
 

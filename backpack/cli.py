@@ -8,18 +8,80 @@
     backpack similarity MODEL [--rg65 FILE] [--simverb FILE]
 
 MODEL is a folder exported by the trainer (or saved with `save_pretrained`). Words are strings (read with GPT-2's
-leading space, " word") or token ids written ``#123``.
+leading space, " word"; a word typed with its leading space is taken as written) or token ids written ``#123``.
+
+Bad input (an empty prompt, an unknown word, an invalid ``#id``, a missing output folder, a malformed ratings
+file, ...) is refused before the model is loaded where it can be, with a message and exit status 2; a limit the
+model imposes (more words than the vocabulary, more new tokens than the positions left) is applied and stated on
+stderr. A tool whose optional library is missing exits with status 1 and the pip command that installs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
 import torch
 
+from ._optional import MissingExtraError
 from .words import SUBWORD_POLICIES, check_finite, load_model, parse_word_arg
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from error
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from error
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """argparse type: a nucleus-sampling mass in (0, 1] (NaN, inf and 0 would silently break sampling)."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from error
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _note(args, message: str) -> None:
+    """A stated adjustment (the command still runs), on stderr so that stdout stays the result."""
+    print(f"backpack {args.command}: note: {message}", file=sys.stderr)
+
+
+def _check_text(text: str, what: str = "prompt") -> str:
+    """`text` unless it is empty or blank: refused before the model is loaded (the model cannot take 0 tokens)."""
+    if not text.strip():
+        raise ValueError(f"empty {what} {text!r}: give some text")
+    return text
+
+
+def _check_figure_paths(*paths: str | None) -> None:
+    """Refuse unwritable figure paths (and a missing matplotlib) before any work, so that nothing is written."""
+    given = [path for path in paths if path is not None]
+    if given:
+        from .plots import check_output_path
+
+        for path in given:
+            check_output_path(path)
 
 
 def _scale_spec(text: str) -> tuple[str | int, int, float]:
@@ -30,7 +92,7 @@ def _scale_spec(text: str) -> tuple[str | int, int, float]:
     try:
         return parse_word_arg(parts[0]), int(parts[1]), float(parts[2])
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"--scale wants WORD:SENSE:GAMMA, got {text!r}") from error
+        raise argparse.ArgumentTypeError(f"--scale wants WORD:SENSE:GAMMA, got {text!r} ({error})") from error
 
 
 def _edit_spec(text: str) -> tuple[str | int, str | int, str | int]:
@@ -38,7 +100,10 @@ def _edit_spec(text: str) -> tuple[str | int, str | int, str | int]:
     parts = text.split(":")
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"--edit wants WORD:OLD:NEW, got {text!r}")
-    word, old, new = (parse_word_arg(p) for p in parts)
+    try:
+        word, old, new = (parse_word_arg(p) for p in parts)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--edit wants WORD:OLD:NEW, got {text!r} ({error})") from error
     return word, old, new
 
 
@@ -47,11 +112,14 @@ def _scales_spec(text: str) -> list[float]:
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
+            if not all(math.isfinite(x) for x in (start, stop, step)) or step <= 0 or stop < start:
                 raise ValueError
             count = int(round((stop - start) / step)) + 1
             return [round(start + i * step, 10) for i in range(count)]
-        return [float(x) for x in text.split(",") if x]
+        scales = [float(x) for x in text.split(",") if x]
+        if not scales or not all(math.isfinite(x) for x in scales):
+            raise ValueError
+        return scales
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"--scales wants START:STOP:STEP or a,b,c; got {text!r}") from error
 
@@ -82,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     senses = commands.add_parser("senses", help="top/bottom words of every sense of some words")
     _add_model(senses)
     senses.add_argument("words", nargs="+", help="words (or #token_id)")
-    senses.add_argument("--top", type=int, default=5, help="words per sense (default 5)")
+    senses.add_argument("--top", type=_positive_int, default=5,
+                        help="words per sense (default 5; more than the vocabulary lists all of it)")
     senses.add_argument("--senses", type=int, nargs="+", help="only these sense indices")
     senses.add_argument("--no-bottom", action="store_true", help="omit the most negative words")
     senses.add_argument("--png", help="also save the table as a PNG")
@@ -94,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", required=True, help="the next word to explain (or #token_id)")
     explain.add_argument("--contrast", help="explain logit(target) - logit(contrast) instead")
     explain.add_argument("--position", type=int, default=-1, help="query position (default -1: after the text)")
-    explain.add_argument("--top", type=int, default=10, help="contributors to print (default 10)")
+    explain.add_argument("--top", type=_positive_int, default=10, help="contributors to print (default 10)")
     explain.add_argument("--png", help="save the contribution heatmap (senses x words)")
     explain.add_argument("--alpha-png", help="save α heatmaps (one per sense) for the text")
 
@@ -102,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(intervene)
     intervene.add_argument("prompt")
     _add_interventions(intervene)
-    intervene.add_argument("--top", type=int, default=8, help="next words to list (default 8)")
-    intervene.add_argument("--generate", type=int, default=0, metavar="N",
+    intervene.add_argument("--top", type=_positive_int, default=8,
+                           help="next words to list (default 8; more than the vocabulary lists all of it)")
+    intervene.add_argument("--generate", type=_non_negative_int, default=0, metavar="N",
                            help="also generate N tokens greedily before/after")
     _add_subword(intervene)
 
@@ -116,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--bag", help="a custom bag: word,word,...")
     generate.add_argument("--strength", type=int, default=2, help="0 (none) .. 3 (default 2)")
     generate.add_argument("--no-anneal", action="store_true", help="turn off the annealing rule")
-    generate.add_argument("--sample-size", type=int, default=4096,
+    generate.add_argument("--sample-size", type=_non_negative_int, default=4096,
                           help="words sampled to estimate the score quantiles (0 = whole vocabulary, exact)")
-    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=40,
+                          help="tokens to generate (default 40; capped, with a note, at the positions the model has "
+                               "left after the prompt)")
     generate.add_argument("--greedy", action="store_true", help="greedy decoding instead of nucleus sampling")
-    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--top-p", type=_probability, default=0.9, help="nucleus sampling mass in (0, 1]")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--compare", action="store_true", help="also print the uncontrolled generation")
     _add_interventions(generate)
@@ -159,12 +231,19 @@ def _apply_interventions(model, tokenizer, args) -> list:
     return applied
 
 
-def run_senses(args) -> None:
-    from .senses import format_readout, read_senses
+def _note_top(args, vocab: int) -> None:
+    if args.top > vocab:
+        _note(args, f"--top {args.top} is more than the {vocab} words of the vocabulary; listing all {vocab}")
 
+
+def run_senses(args) -> None:
+    from .senses import format_readout, read_senses, readable_vocab_size
+
+    words = [parse_word_arg(w) for w in args.words]
+    _check_figure_paths(args.png)
     model, tokenizer = load_model(args.model, args.device)
-    readout = read_senses(model, [parse_word_arg(w) for w in args.words], tokenizer, args.top, args.senses,
-                          args.subword)
+    _note_top(args, readable_vocab_size(model, tokenizer))
+    readout = read_senses(model, words, tokenizer, args.top, args.senses, args.subword)
     print(format_readout(readout, show_bottom=not args.no_bottom))
     if args.png:
         from .plots import plot_sense_readout, save_figure
@@ -175,10 +254,12 @@ def run_senses(args) -> None:
 def run_explain(args) -> None:
     from .explain import explain_prediction, format_explanation
 
+    _check_text(args.text, "text")
+    target = parse_word_arg(args.target)
+    contrast = parse_word_arg(args.contrast) if args.contrast is not None else None
+    _check_figure_paths(args.png, args.alpha_png)
     model, tokenizer = load_model(args.model, args.device)
-    contrast = parse_word_arg(args.contrast) if args.contrast else None
-    explanation = explain_prediction(model, args.text, parse_word_arg(args.target), args.position, tokenizer,
-                                     contrast)
+    explanation = explain_prediction(model, args.text, target, args.position, tokenizer, contrast)
     print(format_explanation(explanation, args.top))
     if args.png or args.alpha_png:
         from .plots import plot_contextualization, plot_contributions, save_figure
@@ -191,39 +272,57 @@ def run_explain(args) -> None:
 
 
 def _next_words(model, tokenizer, ids: torch.Tensor, count: int) -> list[tuple[str, float]]:
+    """The `count` most probable next words (all of the readable vocabulary at most) and their probabilities."""
+    from .senses import readable_vocab_size
+    from .words import check_finite_tensor
+
     with torch.no_grad():
-        probs = torch.softmax(model(ids[None].to(model.device), use_cache=False).logits[0, -1].float(), dim=-1)
-    values, indices = probs[: len(tokenizer)].topk(count)
+        logits = model(ids[None].to(model.device), use_cache=False).logits[0, -1].float()
+    check_finite_tensor("the model's next-word logits", logits)
+    probs = torch.softmax(logits, dim=-1)[: readable_vocab_size(model, tokenizer)]
+    values, indices = probs.topk(min(count, probs.numel()))
     return [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
+
+
+def _note_capped(args, flag: str, asked: int, used: int, prompt_tokens: int, model) -> None:
+    if used < asked:
+        _note(args, f"{flag} {asked} capped at {used}: the model has {model.config.n_positions} positions and the "
+                    f"prompt takes {prompt_tokens} token(s)")
 
 
 def run_intervene(args) -> None:
     from .interventions import remove_all_interventions
+    from .senses import readable_vocab_size
     from .topic import generate
 
+    _check_text(args.prompt)
     if not args.scale and not args.edit:
         raise ValueError("give at least one --scale WORD:SENSE:GAMMA or --edit WORD:OLD:NEW")
     model, tokenizer = load_model(args.model, args.device)
     ids = torch.tensor(tokenizer.encode(args.prompt, add_special_tokens=False))
     if ids.numel() == 0:
-        raise ValueError("empty prompt")
+        raise ValueError(f"prompt {args.prompt!r} encodes to no tokens")
+    _note_top(args, readable_vocab_size(model, tokenizer))
     before = _next_words(model, tokenizer, ids, args.top)
-    text_before = generate(model, tokenizer, args.prompt, args.generate, do_sample=False).text if args.generate else ""
+    greedy_before = generate(model, tokenizer, args.prompt, args.generate, do_sample=False) if args.generate else None
     _apply_interventions(model, tokenizer, args)
     after = _next_words(model, tokenizer, ids, args.top)
-    text_after = generate(model, tokenizer, args.prompt, args.generate, do_sample=False).text if args.generate else ""
+    greedy_after = generate(model, tokenizer, args.prompt, args.generate, do_sample=False) if args.generate else None
     remove_all_interventions(model)
+    if greedy_before is not None:
+        _note_capped(args, "--generate", args.generate, greedy_before.max_new_tokens, ids.numel(), model)
     print(f"prompt: {args.prompt!r}\n{'next word (before)':<28} {'p':>7}    {'next word (after)':<28} {'p':>7}")
     for (word_b, p_b), (word_a, p_a) in zip(before, after):
         print(f"{word_b!r:<28} {p_b:7.4f}    {word_a!r:<28} {p_a:7.4f}")
     if args.generate:
-        print(f"greedy before: {args.prompt}{text_before!s}")
-        print(f"greedy after:  {args.prompt}{text_after!s}")
+        print(f"greedy before: {args.prompt}{greedy_before.text!s}")
+        print(f"greedy after:  {args.prompt}{greedy_after.text!s}")
 
 
 def run_generate(args) -> None:
     from .topic import TOPIC_BAGS, TopicController, bag_token_ids, check_strength, generate
 
+    _check_text(args.prompt)
     if args.topic and args.bag:
         raise ValueError("give --topic or --bag, not both")
     check_strength(args.strength)
@@ -244,6 +343,8 @@ def run_generate(args) -> None:
               f"{'' if sample is None else f' (estimated from {sample} sampled words)'}")
     kwargs = {"do_sample": not args.greedy, "top_p": args.top_p, "seed": args.seed}
     result = generate(model, tokenizer, args.prompt, args.max_new_tokens, controller, **kwargs)
+    _note_capped(args, "--max-new-tokens", args.max_new_tokens, result.max_new_tokens, result.prompt_ids.numel(),
+                 model)
     if args.compare and controller is not None:
         plain = generate(model, tokenizer, args.prompt, args.max_new_tokens, None, **kwargs)
         print(f"[uncontrolled] {args.prompt}{plain.text}")
@@ -268,19 +369,26 @@ def run_bias(args) -> None:
 
 
 def run_similarity(args) -> None:
-    from .similarity import builtin_datasets, format_similarity_table, similarity_table
+    from .similarity import (
+        evaluate_similarity,
+        format_similarity_table,
+        gensim_dataset_path,
+        load_pairs,
+        ordered_datasets,
+    )
 
+    # Every ratings file is read (and a malformed one refused, naming its line) before the model is loaded.
+    paths = {"SimLex999": args.simlex or gensim_dataset_path("simlex999.txt"),
+             "WordSim353": args.wordsim or gensim_dataset_path("wordsim353.tsv")}
+    paths.update({name: path for name, path in (("RG65", args.rg65), ("SimVerb3500", args.simverb)) if path})
+    pairs = {name: load_pairs(paths[name]) for name in ordered_datasets(paths)}
     model, tokenizer = load_model(args.model, args.device)
-    datasets = builtin_datasets()
-    for name, path in (("SimLex999", args.simlex), ("WordSim353", args.wordsim), ("RG65", args.rg65),
-                       ("SimVerb3500", args.simverb)):
-        if path:
-            datasets[name] = path
     policies = SUBWORD_POLICIES if args.subword == "both" else (args.subword,)
     for number, policy in enumerate(policies):
         if number:
             print()
-        print(format_similarity_table(similarity_table(model, tokenizer, datasets, policy), policy, args.name))
+        results = [evaluate_similarity(model, tokenizer, name, rated, policy) for name, rated in pairs.items()]
+        print(format_similarity_table(results, policy, args.name))
 
 
 COMMANDS = {"senses": run_senses, "explain": run_explain, "intervene": run_intervene, "generate": run_generate,
@@ -288,12 +396,18 @@ COMMANDS = {"senses": run_senses, "explain": run_explain, "intervene": run_inter
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``backpack`` command; returns the exit status (2 on a bad input)."""
+    """Entry point of the ``backpack`` command; returns the exit status (2 on a bad input, 1 on a missing extra).
+
+    Arguments argparse refuses (``--top-p nan``, ``--top 0``) exit with status 2 through SystemExit, as usual.
+    """
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "strength", None) is not None:
             check_finite("strength", args.strength)
         COMMANDS[args.command](args)
+    except MissingExtraError as error:
+        print(f"backpack {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except ValueError as error:
         print(f"backpack {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .words import ResolvedWord, Word, resolve_word
+from .words import ResolvedWord, Word, check_finite_tensor, resolve_word
 
 
 @dataclass
@@ -123,8 +123,9 @@ def explain_prediction(
     contrast_id = contrast_word.token_ids[0] if contrast_word is not None else None
 
     out = forward_with_parts(model, ids[None].to(model.device))
-    alpha = out.contextualization[0].float()  # (k, n, n)
-    senses = out.senses[0].float()  # (k, n, d)
+    check_finite_tensor(f"the model's logits at position {i}", out.logits[0, i])
+    alpha = check_finite_tensor("the contextualization weights α", out.contextualization[0].float())  # (k, n, n)
+    senses = check_finite_tensor("the sense vectors of the context", out.senses[0].float())  # (k, n, d)
     embedding = model.get_output_embeddings().weight.detach().float()
     direction = embedding[target_id] - (embedding[contrast_id] if contrast_id is not None else 0.0)  # (d,)
     # contribution[ℓ, j] = α[ℓ, i, j] · (direction · C(x_j)[ℓ]), j ≤ i.

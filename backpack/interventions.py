@@ -31,6 +31,7 @@ from .words import (
     SubwordPolicy,
     Word,
     check_finite,
+    check_finite_tensor,
     check_policy,
     check_sense_index,
     pool_subwords,
@@ -156,8 +157,8 @@ class KnowledgeEdit(Intervention):
     def __init__(self, model, token_ids: Sequence[int], removed: torch.Tensor, added: torch.Tensor,
                  description: str = ""):
         super().__init__(model, token_ids)
-        self.removed = removed.detach().float()
-        self.added = added.detach().float()
+        self.removed = check_finite_tensor("the removed word's embedding", removed.detach().float())
+        self.added = check_finite_tensor("the added word's embedding", added.detach().float())
         removed_norm2 = self.removed.pow(2).sum()
         added_norm2 = self.added.pow(2).sum()
         if removed_norm2 == 0 or added_norm2 == 0:
@@ -268,6 +269,7 @@ def predicted_scale_effect(
     Shapes: α (batch, k, query, key), senses (batch, k, key, d) (``output_senses``), E (vocab, d),
     input_ids (batch, key) -> (batch, query, vocab).
     """
+    gamma = check_finite("scale gamma", gamma)
     hit = torch.isin(input_ids, torch.as_tensor(list(token_ids), device=input_ids.device)).to(senses.dtype)
     with torch.no_grad():
         weights = contextualization[:, sense] * hit[:, None, :]  # (batch, query, key)

@@ -1,20 +1,29 @@
-"""Matplotlib figures (Agg backend, PNG): sense readout tables, α heatmaps, contribution heatmaps."""
+"""Matplotlib figures (Agg backend, PNG): sense readout tables, α heatmaps, contribution heatmaps.
+
+Needs matplotlib (``pip install 'backpack-gpt2[eval]'``); importing this module without it raises an ImportError
+that says so.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import secrets
 from collections.abc import Sequence
+from pathlib import Path
 
-import matplotlib
+import torch
 
+from ._optional import import_optional
+from .explain import Explanation
+from .senses import SenseReadout
+
+matplotlib = import_optional("matplotlib", "figures (backpack.plots, the command line's --png)")
 matplotlib.use("Agg")  # headless: figures are only ever saved
 
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-
-from .explain import Explanation  # noqa: E402
-from .senses import SenseReadout  # noqa: E402
 
 
 def plot_sense_readout(readout: SenseReadout, top_k: int = 5) -> Figure:
@@ -77,10 +86,50 @@ def plot_contributions(explanation: Explanation) -> Figure:
     return figure
 
 
+def check_output_path(path: str, what: str = "figure") -> Path:
+    """`path` as a Path if a file can be written there, else ValueError naming the problem.
+
+    Checked before any work is done, so that a typo in a folder name costs nothing and writes nothing: the path
+    must be non-empty and not a folder, its folder must exist and be writable, and its extension (if any) a format
+    matplotlib writes.
+    """
+    if not path or not str(path).strip():
+        raise ValueError(f"empty output path for the {what}")
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ValueError(f"output path {str(target)!r} for the {what} is a folder; give a file name")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write the {what} {str(target)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the {what} {str(target)!r}: folder {str(folder)!r} is not writable")
+    image_format = target.suffix[1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if image_format not in supported:
+        raise ValueError(f"cannot write the {what} as {image_format!r}: use one of {sorted(supported)}")
+    return target
+
+
 def save_figure(figure: Figure, path: str, dpi: int = 120) -> str:
-    """Write `figure` as a PNG and close it; returns the path."""
-    if not path:
-        raise ValueError("empty output path for the figure")
-    figure.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    """Write `figure` atomically (PNG unless the extension names another format) and close it; returns the path.
+
+    The image goes to a temporary file in the same folder, is flushed to disk, then renamed over `path`: an
+    interrupted save never leaves a truncated image under the final name.
+    """
+    try:
+        target = check_output_path(path)
+        temporary = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        # os.open with 0o666 lets the umask set the permissions, as for any file the user writes.
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                figure.savefig(handle, format=target.suffix[1:].lower() or "png", dpi=dpi, bbox_inches="tight")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    finally:
+        plt.close(figure)
+    return str(path)

@@ -16,6 +16,7 @@ from .words import (
     ResolvedWord,
     SubwordPolicy,
     Word,
+    check_finite_tensor,
     check_sense_index,
     flat_ids,
     pool_subwords,
@@ -99,6 +100,8 @@ def read_senses(
     vectors, resolved = sense_vectors(model, words, tokenizer, policy)
     with torch.no_grad():
         logits = model.get_output_embeddings()(vectors)[..., : readable_vocab_size(model, tokenizer)]
+    check_finite_tensor("the sense logits E·C(x)", logits[:, chosen])
+    # More words than the vocabulary has means all of them (the command line says so).
     count = min(top_k, logits.shape[-1])
     top = [[_ranked(logits[w, s], count, True, tokenizer) for s in chosen] for w in range(len(resolved))]
     bottom = [[_ranked(logits[w, s], count, False, tokenizer) for s in chosen] for w in range(len(resolved))]

@@ -21,13 +21,14 @@ words, exact); the scores of the words that actually occur in a context are alwa
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .words import check_finite, senses_eval
+from .words import check_finite, check_finite_tensor, senses_eval
 
 TOPIC_BAGS: dict[str, tuple[str, ...]] = {
     "arts_culture": ("arts", "culture"),
@@ -130,8 +131,8 @@ def topic_thresholds(model, bag_ids: Sequence[int], sample_size: int | None = 40
         generator = torch.Generator().manual_seed(seed)
         ids = torch.unique(torch.cat([torch.randperm(vocab, generator=generator)[:sample_size],
                                       torch.as_tensor(list(bag_ids))]))
-    scores = topic_scores(model, bag_ids, ids, progress=progress).flatten()
-    return torch.quantile(scores.double(), torch.tensor(QUANTILES, dtype=torch.float64)).float()
+    scores = check_finite_tensor("the topic scores s(x, ℓ)", topic_scores(model, bag_ids, ids, progress=progress))
+    return torch.quantile(scores.flatten().double(), torch.tensor(QUANTILES, dtype=torch.float64)).float()
 
 
 def delta_groups(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -242,21 +243,46 @@ class TopicController:
 
 @dataclass
 class Generation:
-    """A generated text: the prompt's ids, the new ids, and the decoded continuation."""
+    """A generated text: the prompt's ids, the new ids, and the decoded continuation.
+
+    `max_new_tokens` is the limit that was used: the one asked for, or less when the prompt left fewer of the
+    model's `n_positions` free (callers compare it with what they asked for, to say so).
+    """
 
     prompt_ids: torch.Tensor
     new_ids: torch.Tensor
     text: str
+    max_new_tokens: int
+
+
+def check_sampling(top_p: float, temperature: float) -> tuple[float, float]:
+    """(top_p, temperature) as floats, or ValueError: top_p must be in (0, 1] and temperature > 0, both finite."""
+    top_p = check_finite("top_p", top_p)
+    temperature = check_finite("temperature", temperature)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p:g}")
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature:g}")
+    return top_p, temperature
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, controller: TopicController | None = None,
              do_sample: bool = True, top_p: float = 0.9, temperature: float = 1.0, seed: int = 0) -> Generation:
-    """`model.generate` on one prompt, topic-controlled when a controller is given (works with the cache)."""
-    if not prompt:
-        raise ValueError("empty prompt")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    """`model.generate` on one prompt, topic-controlled when a controller is given (works with the cache).
+
+    At most `max_new_tokens` tokens: fewer when the prompt leaves less room in the model's `n_positions` (the
+    result's `max_new_tokens` is the limit used). An empty or blank prompt, a prompt that fills every position,
+    or non-finite sampling settings are a ValueError.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"empty prompt {prompt!r}: give some text to continue")
+    if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__") or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if do_sample:
+        top_p, temperature = check_sampling(top_p, temperature)
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=model.device)
+    if ids.numel() == 0:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
     room = model.config.n_positions - ids.shape[1]
     if room < 1:
         raise ValueError(f"prompt of {ids.shape[1]} tokens leaves no room in n_positions={model.config.n_positions}")
@@ -266,17 +292,23 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, controller
     if controller is not None:
         kwargs["sense_weights"] = controller
     torch.manual_seed(seed)
+    limit = min(operator.index(max_new_tokens), room)
     with torch.no_grad():
-        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=min(max_new_tokens, room),
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
                                 pad_token_id=tokenizer.eos_token_id, **kwargs)
     new_ids = output[0, ids.shape[1]:].cpu()
-    return Generation(ids[0].cpu(), new_ids, tokenizer.decode(new_ids))
+    return Generation(ids[0].cpu(), new_ids, tokenizer.decode(new_ids), limit)
 
 
 def bag_mass(model, input_ids: torch.Tensor, bag_ids: Sequence[int], sense_weights=None) -> float:
     """Mean over positions of Σ_{w ∈ bag} p(w | x_≤i), teacher-forced, under optional `sense_weights`."""
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if ids.numel() == 0:
+        raise ValueError(f"empty input of shape {tuple(ids.shape)}: no positions to score")
+    if isinstance(sense_weights, torch.Tensor):
+        check_finite_tensor("sense_weights", sense_weights)
     with torch.no_grad():
         logits = model(ids.to(model.device), sense_weights=sense_weights, use_cache=False).logits.float()
+    check_finite_tensor("the model's logits", logits)
     probs = torch.softmax(logits, dim=-1)[..., list(bag_ids)].sum(dim=-1)
     return float(probs.mean())

@@ -2,7 +2,8 @@
 
 A word is given either as a string or as a token id. Strings go through the tokenizer with GPT-2's
 leading-space convention: ``"bank"`` is encoded as ``" bank"``, the form a word takes in the middle of a sentence
-(``Ġbank``), which is the form the paper reads senses of. A word that the tokenizer splits into several subwords
+(``Ġbank``), which is the form the paper reads senses of; a string that already starts with a space (``" bank"``)
+is taken as written, so it is the same token, not ``"  bank"``. A word that the tokenizer splits into several subwords
 is handled the way the paper handles it (lexical similarity, PAPER.md): either by its *first* subword or by the
 *average* of its subwords. Every result carries the subwords it used, so printed output can state it.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -76,7 +78,8 @@ def resolve_word(word: Word, tokenizer=None, vocab_size: int | None = None, lead
     """Token ids of one word.
 
     Args:
-        word: A string (encoded as ``" " + word`` when `leading_space`) or a token id (int).
+        word: A string (encoded as ``" " + word`` when `leading_space` and the string does not start with a space
+            already) or a token id (int).
         tokenizer: Needed for strings.
         vocab_size: The model's vocabulary size; ids at or beyond it are rejected.
         leading_space: GPT-2 convention: mid-sentence words carry a leading space.
@@ -98,7 +101,10 @@ def resolve_word(word: Word, tokenizer=None, vocab_size: int | None = None, lead
             raise ValueError(f"empty word {word!r}: give a non-blank string or a token id")
         if tokenizer is None:
             raise ValueError(f"word {word!r} is a string but no tokenizer was given; pass token ids instead")
-        ids = list(tokenizer.encode((" " + word) if leading_space else word, add_special_tokens=False))
+        # A word typed with its leading space (" bank") is that mid-sentence form already: adding another space
+        # would make it two tokens, ' ' and ' bank'.
+        text = " " + word if leading_space and not word.startswith(" ") else word
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
         unk = getattr(tokenizer, "unk_token_id", None)
         # GPT-2's unk token is <|endoftext|>, which a real word never encodes to; other tokenizers' unk means unknown.
         if not ids or (unk is not None and unk in ids and unk != getattr(tokenizer, "eos_token_id", None)):
@@ -121,10 +127,21 @@ def resolve_words(
     return resolved
 
 
+_TOKEN_ID = re.compile(r"#\s*\+?\d+")
+_NUMBER_LIKE = re.compile(r"#\s*[-+.]?\d")
+
+
 def parse_word_arg(text: str) -> Word:
-    """Command-line word: ``#123`` is token id 123, anything else is a string."""
-    if text.startswith("#") and text[1:].isdigit():
+    """Command-line word: ``#123`` is token id 123, anything else is a string.
+
+    Raises:
+        ValueError: for ``#`` followed by something number-like that is not a non-negative integer (``#-5``,
+            ``#3.5``, ``#12abc``): meant as a token id, but not a valid one.
+    """
+    if _TOKEN_ID.fullmatch(text):
         return int(text[1:])
+    if _NUMBER_LIKE.match(text):
+        raise ValueError(f"invalid token id {text!r}: write #N with N a non-negative integer (e.g. #318)")
     return text
 
 
@@ -169,6 +186,18 @@ def check_finite(name: str, value: float) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {number}")
     return number
+
+
+def check_finite_tensor(name: str, values: torch.Tensor) -> torch.Tensor:
+    """`values` unchanged, or ValueError if any entry is NaN or infinite (a model with corrupt weights, say).
+
+    Printing NaN as a result would look like an answer; the toolkit's entry points call this on what they report.
+    """
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{name}: {bad} of {values.numel()} values are NaN or infinite; the model's weights (or "
+                         "the sense weights / edits given to it) are not finite")
+    return values
 
 
 def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):
