@@ -304,19 +304,25 @@ def sense_attention_mask(
 ) -> torch.Tensor:
     """Which keys each query may weigh: causal over absolute cache positions, padded keys excluded.
 
-    `query_positions` (query,) are the new tokens' slots in the cache (`past_length + i`). Keys past
-    `attention_mask`'s end (a static cache's unused slots) are excluded. A padded query still sees itself, so that
-    no row is empty (an all-masked softmax is NaN); its output is never used.
+    `query_positions` (query,) are the new tokens' slots in the cache (`past_length + i`). `attention_mask` is
+    either the 2D padding mask (batch, ≤ key), whose missing tail (a static cache's unused slots) counts as padding,
+    or a 4D mask (batch, 1, query, key) already built for GPT-2's attention (boolean, or additive with 0 = allowed),
+    as `generate()` prepares for static caches. A padded query still sees itself, so that no row is empty (an
+    all-masked softmax is NaN); its output is never used.
 
-    Shapes: attention_mask (batch, ≤ key) or None -> (batch | 1, 1, query, key) boolean, True = allowed.
+    Shapes: -> (batch | 1, 1, query, key) boolean, True = allowed.
     """
     key_positions = torch.arange(key_length, device=query_positions.device)
-    allowed = (key_positions[None, :] <= query_positions[:, None])[None, None]
-    if attention_mask is not None:
-        keys_kept = attention_mask.to(device=query_positions.device, dtype=torch.bool)
-        keys_kept = F.pad(keys_kept, (0, key_length - keys_kept.shape[-1]))[:, None, None, :]
-        allowed = (allowed & keys_kept) | (key_positions[None, :] == query_positions[:, None])[None, None]
-    return allowed
+    causal = (key_positions[None, :] <= query_positions[:, None])[None, None]
+    if attention_mask is None:
+        return causal
+    itself = (key_positions[None, :] == query_positions[:, None])[None, None]
+    if attention_mask.dim() == 4:
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return allowed[..., :key_length].to(query_positions.device) | itself
+    keys_kept = attention_mask.to(device=query_positions.device, dtype=torch.bool)
+    keys_kept = F.pad(keys_kept, (0, key_length - keys_kept.shape[-1]))[:, None, None, :]
+    return (causal & keys_kept) | itself
 
 
 def contextualization_weights(
@@ -520,7 +526,11 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
     @staticmethod
     def _past_length(cache: Cache | None) -> int | torch.Tensor:
         """Positions already cached: an int for a dynamic cache, a 0-d tensor for a static one (no device sync)."""
-        return 0 if cache is None else cache.sense_layer.get_seq_length()
+        if cache is None:
+            return 0
+        length = cache.sense_layer.get_seq_length()
+        # A static layer returns its own counter, which its next update increments in place: keep today's value.
+        return length.clone() if isinstance(length, torch.Tensor) else length
 
     def _check_inputs(
         self,
@@ -552,7 +562,11 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         static = cache is not None and cache.is_static_backpack
         prefill = not cache.sense_layer.is_initialized if static else cache is None or past_length == 0
         if input_ids is not None and not torch.compiler.is_compiling() and (input_ids.device.type == "cpu" or prefill):
-            low, high = int(input_ids.min()), int(input_ids.max())
+            if input_ids.device.type == "cpu":  # read from host memory: no device op at all
+                values = input_ids.detach().numpy()
+                low, high = int(values.min()), int(values.max())
+            else:  # one round trip per sequence
+                low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(
@@ -570,7 +584,9 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
                 f"sequence length {total_length} (cached {past_length} + new {query_length}) exceeds "
                 f"n_positions={self.config.n_positions}, the longest sequence this model can read"
             )
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total_length):
+        if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (
+            batch_size, total_length
+        ):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
                 f"{(batch_size, total_length)}"
@@ -619,8 +635,9 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
 
         Args:
             input_ids: (batch, seq) token ids.
-            attention_mask: (batch, cached + seq), 1 for tokens and 0 for padding (left or right).
-            position_ids: (batch, seq); by default counted from the first non-padding token.
+            attention_mask: (batch, cached + seq), 1 for tokens and 0 for padding (left or right); or a 4D mask
+                (batch, 1, seq, key) prepared for GPT-2's attention, as `generate()` does for a static cache.
+            position_ids: (batch, seq); by default counted from the first non-padding token of a 2D mask.
             cache: A cache from an earlier call (`past_key_values` is the same, by its old name); a plain
                 `DynamicCache` or `StaticCache` gains the Backpack's sense layer in place.
             inputs_embeds: (batch, seq, d) instead of `input_ids`: rows of the word embedding E, or any vectors
@@ -653,18 +670,37 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
 
         word_embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         query_length = word_embeddings.shape[1]
-        if position_ids is None and attention_mask is not None:
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Left padding: positions count from each row's first real token, as GPT-2 was trained.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
 
         # 1. Senses C(x_j) of the new tokens: (batch, k, seq, d).
         senses = self.compute_senses(input_ids, word_embeddings)
 
+        # Which keys each query may see. A mask is needed for padding, for a static cache's unused slots and for
+        # several new tokens after cached ones; otherwise causality from position 0 (or one new token seeing every
+        # key) says it all, and the fused kernels run unmasked. With padding, GPT-2's attention gets this very mask
+        # too: built here from shapes alone, it spares GPT-2's own mask builder a device round trip per step.
+        static = cache is not None and cache.is_static_backpack
+        key_length = cache.sense_layer.max_cache_len if static else past_length + query_length
+        query_positions = past_length + torch.arange(query_length, device=word_embeddings.device)
+        allowed = None
+        if attention_mask is not None or static or (cache is not None and past_length > 0 and query_length > 1):
+            allowed = sense_attention_mask(attention_mask, query_positions, key_length)
+        contextualization_mask = attention_mask
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if self.config._attn_implementation == "sdpa":
+                contextualization_mask = allowed
+            elif self.config._attn_implementation == "eager":
+                minimum = torch.finfo(word_embeddings.dtype).min
+                contextualization_mask = torch.zeros_like(allowed, dtype=word_embeddings.dtype).masked_fill(
+                    ~allowed, minimum)
+
         # 2. Contextualization: GPT-2 states -> per-sense queries and keys. GPT-2 gets the embeddings rather than
         # the ids: the same E x, looked up once, and no padding heuristic that would read token ids back.
         contextual = self.gpt2_model(
             inputs_embeds=word_embeddings,
-            attention_mask=attention_mask,
+            attention_mask=contextualization_mask,
             position_ids=position_ids,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -675,25 +711,16 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         queries, keys = self.sense_weight_net(contextual.last_hidden_state)
         if cache is not None:
             keys, senses = cache.update_senses(keys, senses)
-        key_length = keys.shape[2]
         values = senses
         if sense_weights is not None:
             values = self._reweight_senses(senses, sense_weights, input_ids, past_length)
 
-        # 3. Weighted sum o = Σ_ℓ α[ℓ] @ C[ℓ]. A mask is needed for padding, for a static cache's unused slots and
-        # for several new tokens after cached ones; otherwise causality from position 0 (or one new token seeing
-        # every key) says it all, and the fused kernels run unmasked.
-        static = cache is not None and cache.is_static_backpack
-        allowed = None
-        if attention_mask is not None or static or (cache is not None and past_length > 0 and query_length > 1):
-            query_positions = past_length + torch.arange(query_length, device=keys.device)
-            allowed = sense_attention_mask(attention_mask, query_positions, key_length)
+        # 3. Weighted sum o = Σ_ℓ α[ℓ] @ C[ℓ]: fused, unless α itself is wanted.
         scaling = self.sense_weight_net.scaling
         contextualization = None
         if output_contextualization or self.config._attn_implementation == "eager":
             if allowed is None:
-                allowed = sense_attention_mask(None, past_length + torch.arange(query_length, device=keys.device),
-                                               key_length)
+                allowed = sense_attention_mask(None, query_positions, key_length)
             contextualization = contextualization_weights(queries, keys, allowed, scaling)
             hidden_states = weighted_sense_sum(contextualization, values)
         elif cache is not None and query_length == 1:
