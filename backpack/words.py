@@ -128,7 +128,7 @@ def resolve_words(
 
 
 _TOKEN_ID = re.compile(r"#\s*\+?\d+")
-_NUMBER_LIKE = re.compile(r"#\s*[-+.]?\d")
+_NUMBER_LIKE = re.compile(r"#\s*[-+.]*\d")
 
 
 def parse_word_arg(text: str) -> Word:

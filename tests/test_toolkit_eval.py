@@ -3,6 +3,7 @@ checked against direct computations (forward passes of the edited model; explici
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -135,6 +136,59 @@ def test_similarity_reads_rg65_and_simverb_layouts(model, tokenizer, tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(ValueError, match="no \\(word, word, score\\)"):
         load_pairs(str(empty))
+
+
+def test_ratings_files_are_read_strictly(tmp_path):
+    layouts = tmp_path / "layouts.txt"
+    layouts.write_text("Word 1,Word 2,Human (mean)\nold,new,1.58\nsmart intelligent 9.2\n"
+                       "take\tremove\tV\t6.81\tANTONYMS\n\n# comment\nhard;difficult;8.77\n")
+    assert load_pairs(str(layouts)) == [("old", "new", 1.58), ("smart", "intelligent", 9.2),
+                                        ("take", "remove", 6.81), ("hard", "difficult", 8.77)]
+    for content, message in (("a b 1\nc d 2\ne f\n", ":3: expected 'word word score'"),
+                             ("a b 1\nc d inf\ne f 2\n", ":2: the score 'inf' is not a finite number"),
+                             ("word1 word2 score\nheader again here\na b 1\n", ":2: expected"),
+                             ("a b 1\nc d 2\n", "has 2 (word, word, score) line(s)"),
+                             ("a b 1\nc d 1\ne f 1\n", "all 3 scores")):
+        path = tmp_path / "bad.txt"
+        path.write_text(content)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_pairs(str(path))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a b 1\nc d 2\ncaf\u00e9 bar 3\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{latin1}:3: not UTF-8 text (byte 0xe9)")):
+        load_pairs(str(latin1))
+
+
+def test_words_given_with_a_space_or_as_ids(tokenizer):
+    from backpack.words import parse_word_arg, resolve_word
+
+    assert resolve_word(" bank", tokenizer).token_ids == resolve_word("bank", tokenizer).token_ids
+    assert resolve_word(" bank", tokenizer).token_ids == tuple(tokenizer.encode(" bank"))
+    assert resolve_word("bank", tokenizer, leading_space=False).token_ids == tuple(tokenizer.encode("bank"))
+    assert parse_word_arg("#318") == 318 and parse_word_arg("# 7") == 7 and parse_word_arg("#hashtag") == "#hashtag"
+    assert parse_word_arg("#") == "#" and parse_word_arg("-5") == "-5"
+    for text in ("#-5", "#3.5", "#1e3", "#.5", "#7x"):
+        with pytest.raises(ValueError, match=re.escape(f"invalid token id {text!r}")):
+            parse_word_arg(text)
+
+
+def test_figure_paths_are_checked_and_written_atomically(tmp_path):
+    from backpack.plots import check_output_path, plt, save_figure
+
+    with pytest.raises(ValueError, match="does not exist"):
+        check_output_path(str(tmp_path / "missing" / "x.png"))
+    with pytest.raises(ValueError, match="is a folder"):
+        check_output_path(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot write the figure as 'docx'"):
+        check_output_path(str(tmp_path / "x.docx"))
+    with pytest.raises(ValueError, match="empty output path"):
+        check_output_path("")
+    figure = plt.figure()
+    figure.add_subplot().plot([0, 1], [1, 0])
+    assert save_figure(figure, str(tmp_path / "x.svg")) == str(tmp_path / "x.svg")
+    assert (tmp_path / "x.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.svg"]
+    assert not plt.get_fignums()  # closed
 
 
 def test_sense_readout(model, tokenizer):

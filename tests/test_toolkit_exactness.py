@@ -212,6 +212,9 @@ def test_interventions_stack_and_restore_in_any_order(model):
         (lambda m: explain_prediction(m, [1, 2, 3], 4, position=3), "out of range"),
         (lambda m: explain_prediction(m, [], 4), "empty"),
         (lambda m: explain_prediction(m, [1, 2], VOCAB), "outside the vocabulary"),
+        (lambda m: explain_prediction(m, torch.zeros(1, 0, dtype=torch.long), 4), "empty context"),
+        (lambda m: predicted_scale_effect(torch.ones(1, 4, 2, 2), torch.ones(1, 4, 2, 32), torch.ones(VOCAB, 32),
+                                          torch.tensor([[1, 2]]), [1], 0, float("nan")), "finite"),
     ],
 )
 def test_bad_inputs_raise_value_error(model, call, message):

@@ -21,6 +21,7 @@ from backpack.topic import (  # noqa: E402
     bag_mass,
     bag_token_ids,
     delta_groups,
+    generate,
     topic_scores,
     topic_thresholds,
 )
@@ -173,6 +174,19 @@ def test_topic_bags_and_bad_inputs(trained):
         bag_token_ids(["", "x"], tokenizer)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         bag_token_ids([VOCAB + 1], None, VOCAB)
+    with pytest.raises(ValueError, match="empty input of shape \\(1, 0\\)"):
+        bag_mass(trained, torch.zeros(1, 0, dtype=torch.long), BAG)
+    nan_weights = torch.ones(1, 4, 3, 3)
+    nan_weights[0, 2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="sense_weights: 1 of 36 values are NaN or infinite"):
+        bag_mass(trained, torch.tensor([[1, 2, 3]]), BAG, sense_weights=nan_weights)
+    for kwargs, message in (({"prompt": ""}, "empty prompt"), ({"prompt": " \n"}, "empty prompt"),
+                            ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 2.5}, "max_new_tokens"),
+                            ({"top_p": float("nan")}, "top_p must be finite"), ({"top_p": 0.0}, "top_p must be in"),
+                            ({"temperature": float("inf")}, "temperature must be finite"),
+                            ({"temperature": 0.0}, "temperature must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            generate(trained, tokenizer, **{"prompt": "Hi", **kwargs})
     controller = TopicController(trained, BAG, 1, thresholds=torch.tensor([0.5, 0.2, 0.1]))
     controller(torch.tensor([[1, 2]]), 0)
     with pytest.raises(RuntimeError, match="one controller per generate"):
