@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gc
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import GPT2Config, PreTrainedModel
@@ -14,6 +15,14 @@ from bench.data import TokenBatches
 from bench.timing import interleaved_times, summarize, time_call
 
 GPT2_EOS = 50256
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# Generation variants: "default" = both models' generate() with their default cache (interleaved); "recompute" =
+# the published code's loop without a cache; "static" = generate(cache_implementation="static") without any
+# compilation; "static_compiled" = the same after transformers' recipe for fast decoding,
+# model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True); "gpt2_static_compiled" =
+# that recipe applied to GPT-2, for reference.
+GENERATE_MODES = ("default", "recompute", "static", "static_compiled", "gpt2_static_compiled")
+ERROR_CHARS = 2000
 
 
 # --- single operations ------------------------------------------------------------------------------------------
@@ -38,6 +47,20 @@ def train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, ids: to
     return loss.detach()
 
 
+def trainer_step(model, optimizer: torch.optim.Optimizer, blocks: torch.LongTensor) -> torch.Tensor:
+    """One optimisation step exactly as `train/loss.py` computes it: a packed block of n + 1 tokens gives inputs
+    `blocks[:, :-1]` (with the trainer's explicit all-ones attention mask) and targets `blocks[:, 1:]`; the
+    cross-entropy is taken in float32 outside the model (so a compiled `model` covers the forward only, as with
+    the trainer's `--compile true`)."""
+    optimizer.zero_grad(set_to_none=True)
+    inputs, targets = blocks[:, :-1], blocks[:, 1:]
+    logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW as in the paper's recipe (the learning rate is irrelevant to timing)."""
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -49,6 +72,21 @@ def cached_generate(model: PreTrainedModel, prompt: torch.LongTensor, new_tokens
         return model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, pad_token_id=GPT2_EOS, eos_token_id=GPT2_EOS,
+        )
+
+
+def static_generate(model: PreTrainedModel, prompt: torch.LongTensor, new_tokens: int) -> torch.LongTensor:
+    """Greedy `generate()` of exactly `new_tokens` tokens with a `StaticCache` (fixed-size buffers).
+
+    `disable_compile=True` keeps transformers from compiling the forward on its own (it does so on CUDA whenever
+    the cache is compileable), so that this measures the static cache alone, or exactly the compilation that
+    `compiled_forward` applied.
+    """
+    with torch.inference_mode():
+        return model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=GPT2_EOS, eos_token_id=GPT2_EOS, cache_implementation="static",
+            disable_compile=True,
         )
 
 
@@ -76,6 +114,46 @@ class generate_fn:  # noqa: N801 - used like the other *_fn factories
     def __call__(self) -> torch.LongTensor:
         self.last_output = self.generate(self.model, self.prompt, self.new_tokens)
         return self.last_output
+
+
+def describe_error(error: BaseException) -> str:
+    """`Type: message`, cut to a length a JSON report can hold (what a failed measurement records instead of a
+    number)."""
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS] + " [...]"
+
+
+def dynamo_graph_count() -> int:
+    """Graphs torch.compile has built in this process so far (grows on every compilation and recompilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def dynamo_graph_break_count() -> int:
+    """Graph breaks torch.compile has met in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
+@contextmanager
+def compiled_forward(model: PreTrainedModel, backend: str = "inductor") -> Iterator[PreTrainedModel]:
+    """transformers' recipe for fast decoding, undone on exit:
+    `model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`.
+
+    `mode="reduce-overhead"` (CUDA graphs) only means something to inductor; other backends (`eager` to check the
+    capture quickly, as the CPU smoke test does) get `fullgraph=True` alone.
+    """
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"unknown compile backend {backend!r}; choose from {COMPILE_BACKENDS}")
+    options = {"mode": "reduce-overhead"} if backend == "inductor" else {}
+    model.forward = torch.compile(model.forward, backend=backend, fullgraph=True, **options)
+    try:
+        yield model
+    finally:
+        del model.forward  # the instance attribute: `forward` is the class's method again
+        torch._dynamo.reset()
 
 
 def cache_argument(model: PreTrainedModel) -> str:
@@ -137,35 +215,153 @@ def bench_train_step(backpack, gpt2, data: TokenBatches, sizes: BenchSizes, devi
     return {"batch": sizes.train_batch, "seq": sizes.seq, **{name: summarize(t) for name, t in times.items()}}
 
 
-def bench_generate(backpack, gpt2, data: TokenBatches, sizes: BenchSizes, device, tick) -> dict:
-    """Greedy generation of `new_tokens` per batch size: Backpack cached, GPT-2 cached, Backpack full recompute."""
+def timed_generation(
+    generate, model: PreTrainedModel, prompt: torch.LongTensor, new_tokens: int, device: torch.device, reps: int,
+    reference: torch.LongTensor | None, compile_backend: str | None = None,
+) -> dict:
+    """Time one generation variant on its own: a first call (builds the cache; compiles and records CUDA graphs
+    when `compile_backend` is given), then `reps` timed calls.
+
+    A variant the model does not support yet (a static cache, a graph break under `fullgraph=True`) records the
+    error string instead of a number, and the benchmark moves on.
+    """
+    call = generate_fn(generate, model, prompt, new_tokens)
+    try:
+        with compiled_forward(model, compile_backend) if compile_backend else nullcontext():
+            first_call = time_call(call, device)
+            graphs_before = dynamo_graph_count()
+            times = [time_call(call, device) for _ in range(reps)]
+            graphs_during = dynamo_graph_count() - graphs_before
+    except Exception as error:  # any failure of the variant is the result to report
+        return {"error": describe_error(error)}
+    summary = summarize(times)
+    entry: dict = {**summary, "first_call_s": first_call,
+                   "tokens_per_s": prompt.shape[0] * new_tokens / summary["median_s"]}
+    if compile_backend:
+        entry.update(compile_backend=compile_backend, graphs_compiled_during_timed_calls=graphs_during)
+    if reference is not None:
+        entry["matches_default_cache_tokens"] = bool(torch.equal(call.last_output, reference))
+    return entry
+
+
+def bench_generate(
+    backpack, gpt2, data: TokenBatches, sizes: BenchSizes, device, tick,
+    modes: tuple[str, ...] = ("default", "recompute"), compile_backend: str = "inductor",
+    on_partial: Callable[[dict], None] | None = None,
+) -> dict:
+    """Greedy generation of `new_tokens` per batch size, for each variant in `modes` (see GENERATE_MODES).
+
+    The two default-cache `generate()` calls are interleaved repetition by repetition; the static-cache variants
+    and the no-cache loop run after them in the same process. `on_partial` receives the results after every
+    variant, so that a run cut short keeps what it measured.
+    """
+    unknown = set(modes) - set(GENERATE_MODES)
+    if unknown:
+        raise ValueError(f"unknown generation modes {sorted(unknown)}; choose from {GENERATE_MODES}")
     results: dict[str, dict] = {}
+
+    def publish() -> None:
+        tick()
+        if on_partial is not None:
+            on_partial(results)
+
     for batch in sizes.generate_batches:
         prompt = data.batch(batch, sizes.prompt_len, offset=104729).to(device)
-        for model in (backpack, gpt2):  # warm-up: kernels, allocator, generation config
-            cached_generate(model, prompt, 4)
-        times = interleaved_times(
-            {
+        tokens = batch * sizes.new_tokens
+        entry: dict = {"batch": batch, "prompt_len": sizes.prompt_len, "new_tokens": sizes.new_tokens}
+        results[f"batch{batch}"] = entry
+        references: dict[str, torch.LongTensor | None] = {"backpack": None, "gpt2": None}
+        if "default" in modes:
+            for model in (backpack, gpt2):  # warm-up: kernels, allocator, generation config
+                cached_generate(model, prompt, 4)
+            candidates = {
                 "backpack_cached": generate_fn(cached_generate, backpack, prompt, sizes.new_tokens),
                 "gpt2_cached": generate_fn(cached_generate, gpt2, prompt, sizes.new_tokens),
-            },
-            device, 0, sizes.generate_reps, tick,
-        )
-        entry = {name: summarize(t) for name, t in times.items()}
-        if batch in sizes.recompute_batches:
+            }
+            times = interleaved_times(candidates, device, 0, sizes.generate_reps)
+            for name, seconds in times.items():
+                entry[name] = {**summarize(seconds), "tokens_per_s": tokens / summarize(seconds)["median_s"]}
+            references = {"backpack": candidates["backpack_cached"].last_output,
+                          "gpt2": candidates["gpt2_cached"].last_output}
+            publish()
+        for mode, name, model, model_name, backend in (
+            ("static", "backpack_static", backpack, "backpack", None),
+            ("static_compiled", "backpack_static_compiled", backpack, "backpack", compile_backend),
+            ("gpt2_static_compiled", "gpt2_static_compiled", gpt2, "gpt2", compile_backend),
+        ):
+            if mode in modes:
+                entry[name] = timed_generation(static_generate, model, prompt, sizes.new_tokens, device,
+                                               sizes.generate_reps, references[model_name], backend)
+                publish()
+        if "recompute" in modes and batch in sizes.recompute_batches:
             # One run only: it is O(N^2) and lasts long enough to average the machine's noise out by itself.
             recompute = generate_fn(full_recompute_generate, backpack, prompt, sizes.new_tokens)
-            entry["backpack_full_recompute"] = summarize([time_call(recompute, device)])
-            entry["recompute_matches_cached_tokens"] = bool(
-                torch.equal(recompute.last_output, cached_generate(backpack, prompt, sizes.new_tokens))
-            )
-            tick()
-        tokens = batch * sizes.new_tokens
-        for name in list(entry):
-            if isinstance(entry[name], dict):
-                entry[name]["tokens_per_s"] = tokens / entry[name]["median_s"]
-        results[f"batch{batch}"] = {"batch": batch, "prompt_len": sizes.prompt_len,
-                                    "new_tokens": sizes.new_tokens, **entry}
+            seconds = time_call(recompute, device)
+            entry["backpack_full_recompute"] = {**summarize([seconds]), "tokens_per_s": tokens / seconds}
+            reference = references["backpack"]
+            if reference is None:
+                reference = cached_generate(backpack, prompt, sizes.new_tokens)
+            entry["recompute_matches_cached_tokens"] = bool(torch.equal(recompute.last_output, reference))
+            publish()
+    return results
+
+
+def bench_train_compiled(
+    backpack, gpt2, data: TokenBatches, sizes: BenchSizes, device, tick, backend: str = "inductor"
+) -> dict:
+    """The trainer's step (`trainer_step`) with the model compiled the way `--compile true` does it
+    (`torch.compile(model)`), asking for one graph (`fullgraph=True`), against the eager step, all four
+    interleaved.
+
+    A model whose forward and backward do not capture as one graph records the error and is measured again with
+    `fullgraph=False` (graph breaks allowed, counted). `compile_s` is the first call (compilation included);
+    `graphs_compiled_during_timed_steps` > 0 means the step recompiles as it goes.
+    """
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"unknown compile backend {backend!r}; choose from {COMPILE_BACKENDS}")
+    blocks = data.batch(sizes.train_batch, sizes.seq + 1, offset=7919).to(device)
+    models = {"backpack": backpack, "gpt2": gpt2}
+    optimizers = {name: make_optimizer(model) for name, model in models.items()}
+    results: dict = {"batch": sizes.train_batch, "seq": sizes.seq, "backend": backend}
+    candidates: dict[str, Callable[[], object]] = {}
+    torch._dynamo.reset()
+    try:
+        for name, model in models.items():
+            model.train()
+            optimizer = optimizers[name]
+            record: dict = {}
+            for fullgraph in (True, False):
+                compiled = torch.compile(model, backend=backend, fullgraph=fullgraph)
+
+                def step(compiled_model=compiled, model_optimizer=optimizer):
+                    return trainer_step(compiled_model, model_optimizer, blocks)
+
+                breaks_before = dynamo_graph_break_count()
+                try:
+                    record["compile_s"] = time_call(step, device)
+                except Exception as error:  # a graph break under fullgraph=True: report it, then allow breaks
+                    if not fullgraph:
+                        raise
+                    record["fullgraph_error"] = describe_error(error)
+                    continue
+                record.update(fullgraph=fullgraph, graph_breaks=dynamo_graph_break_count() - breaks_before)
+                candidates[f"{name}_compiled"] = step
+                break
+            candidates[f"{name}_eager"] = (lambda m=model, o=optimizer: trainer_step(m, o, blocks))
+            results[f"{name}_compile"] = record
+        graphs_before = dynamo_graph_count()
+        times = interleaved_times(candidates, device, sizes.warmup, sizes.reps, tick)
+        results["graphs_compiled_during_timed_steps"] = dynamo_graph_count() - graphs_before
+        results.update({name: summarize(seconds) for name, seconds in times.items()})
+    finally:
+        for name, model in models.items():
+            optimizers[name].zero_grad(set_to_none=True)
+            model.eval()
+        del optimizers, candidates
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 
@@ -222,20 +418,26 @@ def mfu(step_seconds: float, flops_per_step: float, peak: float | None) -> float
     return None if peak is None else flops_per_step / step_seconds / (peak * 1e12)
 
 
-def bench_mfu(train: dict, backpack, gpt2, data: TokenBatches, device_name: str, dtype, override: float | None):
-    """MFU of the measured training steps (3x forward FLOPs per step)."""
+def bench_mfu(results: dict, backpack, gpt2, data: TokenBatches, device_name: str, dtype,
+              override: float | None) -> dict:
+    """MFU of the measured training steps (3x forward FLOPs per step): eager (`train_step`) and, when measured,
+    compiled (`train_compiled`)."""
     peak = override if override is not None else peak_tflops(device_name, dtype)
-    batch, seq = train["batch"], train["seq"]
+    measured = results.get("train_step") or results["train_compiled"]
+    batch, seq = measured["batch"], measured["seq"]
     distinct = int(data.batch(batch, seq, offset=7919).unique().numel())
     flops = {
         "backpack": 3 * forward_flops(backpack.config, batch, seq, distinct),
         "gpt2": 3 * forward_flops(gpt2.config, batch, seq, None),
     }
-    return {
-        "peak_tflops": peak,
-        "distinct_tokens": distinct,
-        **{name: {"flops_per_step": f, "mfu": mfu(train[name]["median_s"], f, peak)} for name, f in flops.items()},
-    }
+    entry: dict = {"peak_tflops": peak, "distinct_tokens": distinct}
+    for section, suffix in (("train_step", ""), ("train_compiled", "_compiled")):
+        for name, step_flops in flops.items():
+            timing = results.get(section, {}).get(f"{name}{suffix}")
+            if timing:
+                entry[f"{name}{suffix}"] = {"flops_per_step": step_flops,
+                                            "mfu": mfu(timing["median_s"], step_flops, peak)}
+    return entry
 
 
 def bench_table7(sizes: BenchSizes, data: TokenBatches, device, dtype, attn: str, tick) -> dict:

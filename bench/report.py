@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-# Issue 6's targets: (comparison, bound). Checked in the benchmark only, never in tests or CI.
+# Targets: (comparison, bound). Checked in the benchmark only, never in tests or CI. Issue 10 (GPU, bf16, Small):
+# default-cache generate() >= 0.9x GPT-2's tokens/s at batch 1 and 8 and >= 20x the no-cache loop at 512 new
+# tokens; static cache + torch.compile >= 2x GPT-2's default generate(); forward and train step <= 1.15x GPT-2;
+# compiled training >= 0.85x GPT-2's tokens/s, i.e. a step time ratio <= 1 / 0.85. Issue 6: latency and memory.
 TARGETS: dict[str, tuple[str, float]] = {
     "forward_ratio_backpack_over_gpt2": ("<=", 1.15),
     "train_step_ratio_backpack_over_gpt2": ("<=", 1.15),
+    "train_compiled_ratio_backpack_over_gpt2": ("<=", round(1 / 0.85, 3)),
     "generate_speedup_vs_full_recompute": (">=", 20.0),
-    "generate_ratio_vs_gpt2_tokens_per_s": (">=", 0.75),
+    "generate_ratio_vs_gpt2_tokens_per_s": (">=", 0.9),
+    "generate_ratio_vs_gpt2_tokens_per_s_max_batch": (">=", 0.9),
+    "static_compiled_ratio_vs_gpt2_default": (">=", 2.0),
+    "static_compiled_ratio_vs_gpt2_default_max_batch": (">=", 2.0),
     "latency_ratio_pos512_over_pos64": ("<=", 1.5),
     "peak_mem_ratio_fused_over_materialized": ("<=", 0.6),
 }
@@ -18,26 +25,42 @@ def _median(entry: dict, name: str) -> float:
     return entry[name]["median_s"]
 
 
-def headline_ratios(results: dict) -> dict[str, float | None]:
-    """The six ratios of issue 6 from the raw results (None where a section was not run).
+def _measured(entry: dict, name: str) -> bool:
+    """Whether `entry[name]` holds a timing (not missing, not an error record)."""
+    return isinstance(entry.get(name), dict) and "median_s" in entry[name]
 
-    Generation ratios are taken at batch 1 (and the full-recompute speedup at the first batch it was run for);
-    the memory ratio at the longest sequence, on the step peak (memory the step adds over weights + AdamW state).
+
+def _tokens_per_s_ratio(entry: dict, numerator: str, denominator: str) -> float | None:
+    if _measured(entry, numerator) and _measured(entry, denominator):
+        return entry[numerator]["tokens_per_s"] / entry[denominator]["tokens_per_s"]
+    return None
+
+
+def headline_ratios(results: dict) -> dict[str, float | None]:
+    """The headline ratios from the raw results (None where a section or variant was not run, or failed).
+
+    Generation ratios are taken at the first batch size (batch 1) and, for `_max_batch`, the largest (and the
+    full-recompute speedup at the first batch it was run for); the memory ratio at the longest sequence, on the
+    step peak (memory the step adds over weights + AdamW state).
     """
     ratios: dict[str, float | None] = dict.fromkeys(RATIO_KEYS)
-    if "forward" in results:
-        ratios["forward_ratio_backpack_over_gpt2"] = _median(results["forward"], "backpack") / _median(
-            results["forward"], "gpt2")
-    if "train_step" in results:
-        ratios["train_step_ratio_backpack_over_gpt2"] = _median(results["train_step"], "backpack") / _median(
-            results["train_step"], "gpt2")
-    generate = results.get("generate", {})
+    for section, key, suffix in (("forward", "forward_ratio_backpack_over_gpt2", ""),
+                                 ("train_step", "train_step_ratio_backpack_over_gpt2", ""),
+                                 ("train_compiled", "train_compiled_ratio_backpack_over_gpt2", "_compiled")):
+        entry = results.get(section) or {}
+        if _measured(entry, f"backpack{suffix}") and _measured(entry, f"gpt2{suffix}"):
+            ratios[key] = _median(entry, f"backpack{suffix}") / _median(entry, f"gpt2{suffix}")
+    generate = results.get("generate") or {}
     if generate:
         first = next(iter(generate.values()))
-        ratios["generate_ratio_vs_gpt2_tokens_per_s"] = (
-            first["backpack_cached"]["tokens_per_s"] / first["gpt2_cached"]["tokens_per_s"])
+        largest = max(generate.values(), key=lambda entry: entry["batch"])
+        for key, entry in (("", first), ("_max_batch", largest)):
+            ratios[f"generate_ratio_vs_gpt2_tokens_per_s{key}"] = _tokens_per_s_ratio(
+                entry, "backpack_cached", "gpt2_cached")
+            ratios[f"static_compiled_ratio_vs_gpt2_default{key}"] = _tokens_per_s_ratio(
+                entry, "backpack_static_compiled", "gpt2_cached")
         for entry in generate.values():
-            if "backpack_full_recompute" in entry:
+            if _measured(entry, "backpack_full_recompute") and _measured(entry, "backpack_cached"):
                 ratios["generate_speedup_vs_full_recompute"] = (
                     _median(entry, "backpack_full_recompute") / _median(entry, "backpack_cached"))
                 break
@@ -82,22 +105,44 @@ def markdown_table(results: dict) -> str:
         rows.append(f"| {label} | {left} | {right} | {_fmt(value)} | {target} | "
                     f"{_met(target_met(key, value)) if key else '-'} |")
 
-    for section, label, key in (("forward", "forward", "forward_ratio_backpack_over_gpt2"),
-                                ("train_step", "train step (fwd+bwd+AdamW)", "train_step_ratio_backpack_over_gpt2")):
-        if section in results:
-            entry = results[section]
-            add(f"{label}, {entry['batch']}x{entry['seq']} (s, GPT-2 baseline)", _fmt(_median(entry, "backpack")),
-                _fmt(_median(entry, "gpt2")), key)
-    for name, entry in results.get("generate", {}).items():
+    for section, label, key, suffix in (
+        ("forward", "forward", "forward_ratio_backpack_over_gpt2", ""),
+        ("train_step", "train step (fwd+bwd+AdamW)", "train_step_ratio_backpack_over_gpt2", ""),
+        ("train_compiled", "compiled train step", "train_compiled_ratio_backpack_over_gpt2", "_compiled"),
+    ):
+        entry = results.get(section) or {}
+        if _measured(entry, f"backpack{suffix}") and _measured(entry, f"gpt2{suffix}"):
+            add(f"{label}, {entry['batch']}x{entry['seq']} (s, GPT-2 baseline)",
+                _fmt(_median(entry, f"backpack{suffix}")), _fmt(_median(entry, f"gpt2{suffix}")), key)
+    generate = results.get("generate") or {}
+    if generate:
+        first_batch = next(iter(generate.values()))["batch"]
+        largest_batch = max(entry["batch"] for entry in generate.values())
+    for entry in generate.values():
         size = f"batch {entry['batch']}, {entry['new_tokens']} new tokens"
-        key_gpt2 = "generate_ratio_vs_gpt2_tokens_per_s" if name == next(iter(results["generate"])) else None
-        add(f"generate tok/s vs GPT-2 generate, {size}", _fmt(entry["backpack_cached"]["tokens_per_s"]),
-            _fmt(entry["gpt2_cached"]["tokens_per_s"]), key_gpt2,
-            entry["backpack_cached"]["tokens_per_s"] / entry["gpt2_cached"]["tokens_per_s"])
-        if "backpack_full_recompute" in entry:
-            add(f"generate tok/s vs full-recompute loop, {size}", _fmt(entry["backpack_cached"]["tokens_per_s"]),
-                _fmt(entry["backpack_full_recompute"]["tokens_per_s"]), "generate_speedup_vs_full_recompute",
-                entry["backpack_full_recompute"]["median_s"] / entry["backpack_cached"]["median_s"])
+        suffix = "" if entry["batch"] == first_batch else "_max_batch" if entry["batch"] == largest_batch else None
+        rate = {name: _fmt(entry[name]["tokens_per_s"]) if _measured(entry, name) else
+                ("error" if "error" in entry.get(name, {}) else "-")
+                for name in ("backpack_cached", "gpt2_cached", "backpack_full_recompute", "backpack_static",
+                             "backpack_static_compiled", "gpt2_static_compiled")}
+        if _measured(entry, "backpack_cached") and _measured(entry, "gpt2_cached"):
+            add(f"generate tok/s vs GPT-2 generate, {size}", rate["backpack_cached"], rate["gpt2_cached"],
+                f"generate_ratio_vs_gpt2_tokens_per_s{suffix}" if suffix is not None else None,
+                _tokens_per_s_ratio(entry, "backpack_cached", "gpt2_cached"))
+        if _measured(entry, "backpack_full_recompute") and _measured(entry, "backpack_cached"):
+            add(f"generate tok/s vs full-recompute loop, {size}", rate["backpack_cached"],
+                rate["backpack_full_recompute"], "generate_speedup_vs_full_recompute",
+                _median(entry, "backpack_full_recompute") / _median(entry, "backpack_cached"))
+        if "backpack_static" in entry:
+            add(f"static-cache generate tok/s vs GPT-2 generate, {size}", rate["backpack_static"],
+                rate["gpt2_cached"], None, _tokens_per_s_ratio(entry, "backpack_static", "gpt2_cached"))
+        if "backpack_static_compiled" in entry:
+            add(f"static cache + compile tok/s vs GPT-2 generate, {size}", rate["backpack_static_compiled"],
+                rate["gpt2_cached"], f"static_compiled_ratio_vs_gpt2_default{suffix}" if suffix is not None else None,
+                _tokens_per_s_ratio(entry, "backpack_static_compiled", "gpt2_cached"))
+        if "gpt2_static_compiled" in entry:
+            add(f"GPT-2 static cache + compile tok/s vs GPT-2 generate, {size}", rate["gpt2_static_compiled"],
+                rate["gpt2_cached"], None, _tokens_per_s_ratio(entry, "gpt2_static_compiled", "gpt2_cached"))
     latency = results.get("latency")
     if latency:
         low, high = latency["positions"]
@@ -119,7 +164,10 @@ def markdown_table(results: dict) -> str:
                 cases["ratio_fused_over_materialized_step_peak"])
     utilisation = results.get("mfu")
     if utilisation:
-        add("train-step MFU", _fmt(utilisation["backpack"]["mfu"]), _fmt(utilisation["gpt2"]["mfu"]), None, None)
+        for suffix, label in (("", "train-step MFU"), ("_compiled", "compiled train-step MFU")):
+            if f"backpack{suffix}" in utilisation and f"gpt2{suffix}" in utilisation:
+                add(label, _fmt(utilisation[f"backpack{suffix}"]["mfu"]), _fmt(utilisation[f"gpt2{suffix}"]["mfu"]),
+                    None, None)
     for name, entry in (results.get("table7") or {}).items():
         if isinstance(entry, dict) and "backpack" in entry:
             add(f"Table 7 forward 32x512 {name} (s, mean)", _fmt(entry["backpack"]["mean_s"]),

@@ -2,24 +2,27 @@
 
     python bench/run.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                         [--config tiny|micro|mini|small] [--attn sdpa|eager|flash_attention_2]
-                        [--data wiki|lee|random] [--json OUT.json] [--plot OUT.png]
+                        [--data wiki|lee|random] [--sections ...] [--generate-modes ...]
+                        [--size KEY=VALUE ...] [--json OUT.json] [--plot OUT.png]
 
-Measures forward and training-step time against the matched `GPT2LMHeadModel`, greedy generation (cached,
-full-prefix recompute as the published code must do, and GPT-2's cached `generate`), per-token decoding latency
-at two positions, training-step peak memory of the fused vs materialised sense sum, and on CUDA the model FLOP
-utilisation and the paper's Table 7. Writes every raw timing and the headline ratios to JSON and prints a
-markdown table. Targets are reported, never enforced.
+Measures forward and training-step time against the matched `GPT2LMHeadModel` (eager, and compiled as the
+trainer's `--compile true` does), greedy generation (the default cache against GPT-2's `generate`, the published
+code's no-cache loop, a static cache with and without `torch.compile(mode="reduce-overhead", fullgraph=True)`),
+per-token decoding latency at two positions, training-step peak memory of the fused vs materialised sense sum,
+and on CUDA the model FLOP utilisation and the paper's Table 7. Writes every raw timing and the headline ratios
+to JSON (after every section, so a run cut short keeps what it measured) and prints a markdown table. Targets
+are reported, never enforced.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # `python bench/run.py` from a clone, without installing anything
@@ -29,20 +32,27 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench.atomic import write_json  # noqa: E402
 from bench.configs import MODEL_SIZES, BenchSizes, build_models, default_sizes, parameter_count  # noqa: E402
 from bench.data import DATA_SOURCES, TokenBatches  # noqa: E402
 from bench.measure import (  # noqa: E402
+    COMPILE_BACKENDS,
+    GENERATE_MODES,
     bench_forward,
     bench_generate,
     bench_latency,
     bench_mfu,
     bench_table7,
+    bench_train_compiled,
     bench_train_step,
 )
 from bench.memory import bench_memory  # noqa: E402
 from bench.report import RATIO_KEYS, TARGETS, headline_ratios, markdown_table, plot_ratios, target_met  # noqa: E402
 
-ALL_SECTIONS = ("forward", "train", "generate", "latency", "memory", "mfu", "table7")
+ALL_SECTIONS = ("forward", "train", "train_compiled", "generate", "latency", "memory", "mfu", "table7")
+CPU_SECTIONS = ("forward", "train", "generate", "latency", "memory")  # compiling on a CPU takes minutes
+CPU_GENERATE_MODES = ("default", "recompute", "static")
+CUDA_GENERATE_MODES = ("default", "recompute", "static", "static_compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,7 +79,57 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sense-table", action="store_true",
                         help="inference sections read senses from model.precompute_senses()'s table")
+    parser.add_argument("--generate-modes", default=None,
+                        help=f"comma-separated subset of {','.join(GENERATE_MODES)} (default: "
+                             f"{','.join(CPU_GENERATE_MODES)} on CPU, {','.join(CUDA_GENERATE_MODES)} on CUDA)")
+    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                        help="torch.compile backend of the compiled sections (eager: checks the graph capture "
+                             "only, fast)")
+    size_keys = ", ".join(f.name for f in dataclasses.fields(BenchSizes) if f.name != "notes")
+    parser.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one benchmark size, e.g. --size generate_reps=1 --size generate_batches=1,8 "
+                             f"(keys: {size_keys})")
     return parser.parse_args(argv)
+
+
+def override_sizes(sizes: BenchSizes, assignments: Sequence[str]) -> BenchSizes:
+    """`sizes` with `KEY=VALUE` assignments applied; values take the type of the field's current value
+    (an integer, or a comma-separated tuple)."""
+    fields = {f.name for f in dataclasses.fields(BenchSizes)} - {"notes"}
+    changes: dict = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise SystemExit(f"--size {assignment!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        current = getattr(sizes, key)
+        try:
+            if isinstance(current, tuple):
+                element = type(current[0]) if current else int
+                changes[key] = tuple(element(item.strip()) for item in value.split(",") if item.strip())
+                if not changes[key]:
+                    raise ValueError("empty list")
+            else:
+                changes[key] = type(current)(value)
+        except ValueError as error:
+            raise SystemExit(f"--size {assignment!r}: {error}") from error
+        if isinstance(changes[key], int) and changes[key] < (0 if key == "warmup" else 1):
+            raise SystemExit(f"--size {assignment!r}: must be {'>= 0' if key == 'warmup' else '>= 1'}")
+    if not changes:
+        return sizes
+    notes = [*sizes.notes, "sizes overridden: " + ", ".join(f"{k}={v}" for k, v in changes.items())]
+    return dataclasses.replace(sizes, **changes, notes=notes)
+
+
+def chosen_generate_modes(args: argparse.Namespace) -> tuple[str, ...]:
+    """Generation variants to run: the requested ones, or the device's default set."""
+    if args.generate_modes:
+        modes = tuple(m.strip() for m in args.generate_modes.split(",") if m.strip())
+        unknown = set(modes) - set(GENERATE_MODES)
+        if unknown:
+            raise SystemExit(f"unknown generation modes {sorted(unknown)}; choose from {GENERATE_MODES}")
+        return modes
+    return CUDA_GENERATE_MODES if args.device == "cuda" else CPU_GENERATE_MODES
 
 
 def chosen_sections(args: argparse.Namespace) -> tuple[str, ...]:
@@ -80,7 +140,7 @@ def chosen_sections(args: argparse.Namespace) -> tuple[str, ...]:
         if unknown:
             raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {ALL_SECTIONS}")
         return sections
-    return ALL_SECTIONS if args.device == "cuda" else ALL_SECTIONS[:5]
+    return ALL_SECTIONS if args.device == "cuda" else CPU_SECTIONS
 
 
 def device_name(device: torch.device) -> str:
@@ -97,13 +157,14 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
-def progress_total(sections: tuple[str, ...], sizes: BenchSizes) -> int:
+def progress_total(sections: tuple[str, ...], sizes: BenchSizes, modes: tuple[str, ...] = ("default",)) -> int:
     """Number of progress-bar ticks the run will make."""
     per_section = {
         "forward": sizes.reps,
         "train": sizes.reps,
-        "generate": len(sizes.generate_batches) * sizes.generate_reps
-        + len(set(sizes.recompute_batches) & set(sizes.generate_batches)),
+        "train_compiled": sizes.reps,
+        "generate": len(sizes.generate_batches) * len(set(modes) - {"recompute"})
+        + (len(set(sizes.recompute_batches) & set(sizes.generate_batches)) if "recompute" in modes else 0),
         "latency": 1,
         "memory": len(sizes.memory_seqs) * len(sizes.memory_paths),
         "table7": len(sizes.table7_configs),
@@ -111,8 +172,22 @@ def progress_total(sections: tuple[str, ...], sizes: BenchSizes) -> int:
     return sum(per_section.get(section, 0) for section in sections)
 
 
-def run_benchmarks(args: argparse.Namespace, sizes: BenchSizes) -> dict:
-    """Every requested measurement, in one process, with the headline ratios."""
+def with_ratios(results: dict) -> dict:
+    """`results` with the headline ratios computed from what has been measured so far."""
+    ratios = headline_ratios(results)
+    return {**results, **ratios, "ratios": ratios,
+            "targets": {key: f"{op} {bound:g}" for key, (op, bound) in TARGETS.items()},
+            "targets_met": {key: target_met(key, ratios[key]) for key in RATIO_KEYS}}
+
+
+def run_benchmarks(
+    args: argparse.Namespace, sizes: BenchSizes, on_partial: Callable[[dict], None] | None = None
+) -> dict:
+    """Every requested measurement, in one process, with the headline ratios.
+
+    `on_partial` receives the results (marked `"complete": false`) after every section and every generation
+    variant.
+    """
     started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -121,6 +196,7 @@ def run_benchmarks(args: argparse.Namespace, sizes: BenchSizes) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = chosen_sections(args)
+    modes = chosen_generate_modes(args)
     n_positions = max(512, sizes.prompt_len + sizes.new_tokens, max(sizes.latency_positions) + 1)
     need_tokens = max(sizes.forward_batch, sizes.train_batch, sizes.table7_batch) * sizes.seq * 2 + 200_000
     data = TokenBatches(args.data, need_tokens, 50264, args.seed)
@@ -152,52 +228,60 @@ def run_benchmarks(args: argparse.Namespace, sizes: BenchSizes) -> dict:
             "sense_table": args.sense_table,
             "sizes": sizes.as_dict(),
             "sections": list(sections),
+            "generate_modes": list(modes),
+            "compile_backend": args.compile_backend,
             "timing": "interleaved repetitions after warm-up, medians compared"
                       + ("; CUDA-synchronised" if device.type == "cuda" else ""),
         },
     }
-    bar = tqdm(total=progress_total(sections, sizes), desc="bench", unit="step", file=sys.stderr)
+    bar = tqdm(total=progress_total(sections, sizes, modes), desc="bench", unit="step", file=sys.stderr)
 
     def tick() -> None:
         bar.update(1)
 
+    def publish(section: str | None = None, value: dict | None = None) -> None:
+        if section is not None:
+            results[section] = value
+        if on_partial is not None:
+            results["meta"]["elapsed_s"] = time.perf_counter() - started
+            on_partial({**with_ratios(results), "complete": False})
+
     steps = {
         "forward": lambda: bench_forward(backpack, gpt2, data, sizes, device, tick),
         "train": lambda: bench_train_step(backpack, gpt2, data, sizes, device, tick),
-        "generate": lambda: bench_generate(backpack, gpt2, data, sizes, device, tick),
+        "train_compiled": lambda: bench_train_compiled(backpack, gpt2, data, sizes, device, tick,
+                                                       args.compile_backend),
+        "generate": lambda: bench_generate(backpack, gpt2, data, sizes, device, tick, modes, args.compile_backend,
+                                           lambda partial: publish("generate", partial)),
         "latency": lambda: bench_latency(backpack, gpt2, data, sizes, device, tick),
         "memory": lambda: bench_memory(args.config, sizes.memory_seqs, sizes.memory_batch, args.device,
                                        str(dtype).removeprefix("torch."), args.attn, args.data,
                                        not args.no_isolate, tick, sizes.memory_paths, args.threads),
     }
     result_keys = {"train": "train_step"}
+    publish()
     for section in sections:
         if section in steps:
             bar.set_description(f"bench {section}")
-            results[result_keys.get(section, section)] = steps[section]()
-    if "mfu" in sections and "train_step" in results:
-        results["mfu"] = bench_mfu(results["train_step"], backpack, gpt2, data, results["meta"]["device_name"],
-                                   dtype, args.peak_tflops)
+            publish(result_keys.get(section, section), steps[section]())
+    if "mfu" in sections and ("train_step" in results or "train_compiled" in results):
+        publish("mfu", bench_mfu(results, backpack, gpt2, data, results["meta"]["device_name"], dtype,
+                                 args.peak_tflops))
     if "table7" in sections:
         del backpack, gpt2  # make room for the larger sizes
         bar.set_description("bench table7")
-        results["table7"] = bench_table7(sizes, data, device, dtype, args.attn, tick)
+        publish("table7", bench_table7(sizes, data, device, dtype, args.attn, tick))
     bar.close()
-
-    ratios = headline_ratios(results)
-    results.update(ratios)
-    results["ratios"] = ratios
-    results["targets"] = {key: f"{op} {bound:g}" for key, (op, bound) in TARGETS.items()}
-    results["targets_met"] = {key: target_met(key, ratios[key]) for key in RATIO_KEYS}
     results["meta"]["elapsed_s"] = time.perf_counter() - started
-    return results
+    return {**with_ratios(results), "complete": True}
 
 
 def main(argv: Sequence[str] | None = None, sizes: BenchSizes | None = None) -> dict:
     """Run, print the markdown table, write JSON (and the chart) if asked; returns the results."""
     args = parse_args(argv)
-    sizes = sizes or default_sizes(args.quick, args.device)
-    results = run_benchmarks(args, sizes)
+    sizes = override_sizes(sizes or default_sizes(args.quick, args.device), args.size)
+    on_partial = (lambda partial: write_json(args.json_path, partial)) if args.json_path else None
+    results = run_benchmarks(args, sizes, on_partial)
     meta = results["meta"]
     print(f"\nBackpack-{args.config} vs GPT-2 ({meta['device_name']}, {meta['dtype']}, {meta['attn_implementation']}, "
           f"{meta['threads']} threads, data: {meta['data']}{', --quick' if args.quick else ''}); "
@@ -206,8 +290,7 @@ def main(argv: Sequence[str] | None = None, sizes: BenchSizes | None = None) -> 
     for note in sizes.notes:
         print(f"\nNote: {note}")
     if args.json_path:
-        with open(args.json_path, "w") as out:
-            json.dump(results, out, indent=1)
+        write_json(args.json_path, results)
     if args.plot:
         plot_ratios(results["ratios"], args.plot, f"Backpack-{args.config} / GPT-2, {meta['device_name']}")
     return results

@@ -1,20 +1,29 @@
-"""Smoke test of the benchmark (issue 6): every section runs on a tiny model and the JSON has every key.
+"""Smoke tests of the benchmark (issues 6 and 10): every section runs on a tiny model and the JSON has every key;
+the prepared device check runs end to end on the CPU (`--smoke`).
 
 No timing thresholds here: speed targets are checked by `bench/run.py` itself, on a quiet machine.
 """
 
 import json
+import math
 import os
+import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.configs import BenchSizes  # noqa: E402
-from bench.measure import forward_flops  # noqa: E402
+from bench.measure import forward_flops, timed_generation  # noqa: E402
 from bench.report import RATIO_KEYS  # noqa: E402
-from bench.run import main  # noqa: E402
+from bench.run import main, override_sizes, parse_args, run_benchmarks  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATIC_KEYS = {"static_compiled_ratio_vs_gpt2_default": "batch1",
+               "static_compiled_ratio_vs_gpt2_default_max_batch": "batch2"}
 
 TINY_SIZES = BenchSizes(
     forward_batch=1, seq=32, train_batch=1, generate_batches=(1, 2), prompt_len=4, new_tokens=4,
@@ -26,16 +35,27 @@ TINY_SIZES = BenchSizes(
 def test_bench_runs_and_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
-    main(["--config", "tiny", "--data", "random", "--no-isolate", "--json", str(out), "--plot", str(plot)],
-         sizes=TINY_SIZES)
+    main(["--config", "tiny", "--data", "random", "--no-isolate", "--json", str(out), "--plot", str(plot),
+          "--sections", "forward,train,train_compiled,generate,latency,memory,mfu", "--compile-backend", "eager",
+          "--generate-modes", "default,recompute,static,static_compiled"], sizes=TINY_SIZES)
     results = json.loads(out.read_text())
     for key in (*RATIO_KEYS, "device"):
         assert key in results, key
-    assert results["device"] == "cpu"
-    for key in RATIO_KEYS:
+    assert results["device"] == "cpu" and results["complete"] is True
+    for key in set(RATIO_KEYS) - set(STATIC_KEYS):
         assert isinstance(results[key], float) and results[key] > 0, key
-    for section in ("forward", "train_step", "generate", "latency", "memory"):
+    for key, batch in STATIC_KEYS.items():
+        # A static-cache variant gives a ratio, or (while the model lacks it) an error string, never both.
+        entry = results["generate"][batch]["backpack_static_compiled"]
+        assert ("error" in entry) != isinstance(results[key], float), (key, entry)
+        assert "error" in entry or entry["graphs_compiled_during_timed_calls"] == 0
+    for section in ("forward", "train_step", "train_compiled", "generate", "latency", "memory", "mfu"):
         assert section in results
+    for name in ("backpack", "gpt2"):
+        assert results["train_compiled"][f"{name}_compiled"]["median_s"] > 0
+        compile_record = results["train_compiled"][f"{name}_compile"]
+        assert compile_record["fullgraph"] is True or "fullgraph_error" in compile_record
+        assert results["mfu"][f"{name}_compiled"]["flops_per_step"] > 0
     assert results["forward"]["backpack"]["raw_s"] and results["forward"]["gpt2"]["raw_s"]
     # The published-implementation loop and the cached generate() must produce the same greedy tokens.
     assert results["generate"]["batch1"]["recompute_matches_cached_tokens"] is True
@@ -61,3 +81,116 @@ def test_real_text_tokens():
     batch = data.batch(2, 512)
     assert batch.shape == (2, 512) and int(batch.max()) < 50257
     assert data.distinct_fraction(2, 512) < 0.8  # real text repeats tokens
+
+
+def test_partial_results_are_published_after_every_section():
+    args = parse_args(["--config", "tiny", "--data", "random", "--sections", "forward,generate",
+                       "--generate-modes", "default,recompute"])
+    partials = []
+    final = run_benchmarks(args, TINY_SIZES, partials.append)
+    assert all(partial["complete"] is False for partial in partials) and final["complete"] is True
+    # Before any section; after forward; after each generation variant (batch 1: default and recompute, batch 2:
+    # default, since the loop runs at batch 1 only); after generate.
+    assert [sorted(set(p) & {"forward", "generate"}) for p in partials][:2] == [[], ["forward"]]
+    assert len(partials) == 1 + 1 + 2 + 1 + 1
+    assert partials[-1]["forward_ratio_backpack_over_gpt2"] == final["forward_ratio_backpack_over_gpt2"]
+
+
+def test_size_overrides_take_the_field_type_and_reject_bad_input():
+    sizes = override_sizes(BenchSizes(), ["generate_reps=1", "generate_batches=1,8", "table7_configs=micro"])
+    assert (sizes.generate_reps, sizes.generate_batches, sizes.table7_configs) == (1, (1, 8), ("micro",))
+    assert "sizes overridden" in sizes.notes[-1]
+    for bad, message in (("reps", "KEY=VALUE"), ("nope=1", "KEY=VALUE"), ("reps=two", "invalid literal"),
+                         ("reps=0", ">= 1"), ("generate_batches=", "empty")):
+        with pytest.raises(SystemExit, match=message):
+            override_sizes(BenchSizes(), [bad])
+
+
+def test_a_failing_generation_variant_records_its_error_instead_of_a_number():
+    def unsupported(model, prompt, new_tokens):
+        raise ValueError("static cache not supported")
+
+    entry = timed_generation(unsupported, None, torch.zeros(1, 4, dtype=torch.long), 8, torch.device("cpu"), 2, None)
+    assert entry == {"error": "ValueError: static cache not supported"}
+
+
+def test_trainer_summary_takes_the_steady_windows_and_the_bench_flop_count(tmp_path):
+    from bench.configs import backpack_config
+    from bench.device_summary import trainer_summary
+
+    folder = tmp_path / "trainer" / "compiled_backpack"
+    folder.mkdir(parents=True)
+    run = {"model": "backpack", "n_embd": 384, "n_layer": 6, "num_senses": 16, "sense_intermediate_scale": 4,
+           "vocab_size": 50264, "seq": 512, "batch_size": 8, "mixed_precision": "bf16",
+           "log": "logs/trainer_compiled_backpack.log"}
+    (folder / "run.json").write_text(json.dumps(run))
+    windows = [1000.0, 5000.0, 7000.0, 6000.0]  # the first window holds the compilation
+    (folder / "log_history.jsonl").write_text("\n".join(
+        [json.dumps({"step": 0, "val/loss": 10.0})]
+        + [json.dumps({"step": 5 * (i + 1), "train/tokens_per_second": w}) for i, w in enumerate(windows)]) + "\n")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "trainer_compiled_backpack.log").write_text(
+        "V1 [0/1] [__recompiles] Recompiling function forward in x.py:1\n"
+        "V1 [0/0] [__graph_breaks] Graph break in user code at x.py:3\n"
+        "V1 [0/0] [__graph_breaks] Graph Break Reason: ...\n")
+    entry = trainer_summary(str(folder), 989.0, lambda batch, seq: 1500)
+    assert entry["tokens_per_s"] == 6000.0 and entry["steady_windows"] == 3
+    assert (entry["graph_breaks_logged"], entry["recompilations_logged"]) == (1, 1)
+    flops_per_token = 3 * forward_flops(backpack_config("micro"), 8, 512, 1500) / (8 * 512)
+    assert math.isclose(entry["mfu"], 6000.0 * flops_per_token / 989e12)
+
+
+def test_device_check_smoke_runs_every_step(tmp_path):
+    """`bench/device_check.sh --smoke`: every step of the GPU check, on the CPU at tiny sizes, writes numbers."""
+    out = tmp_path / "device-check"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    started = time.perf_counter()
+    completed = subprocess.run(["bash", "bench/device_check.sh", "--smoke"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=900, check=False)
+    elapsed = time.perf_counter() - started
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    steps = {json.loads(line)["step"]: json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()}
+    expected_steps = ("setup", "env", "golden", "bench_core", "generate", "trainer_compiled_backpack",
+                      "trainer_compiled_gpt2", "trainer_eager_backpack", "trainer_eager_gpt2", "bench_train_compiled",
+                      "bench_memory", "summary")
+    logs = {name: (out / "logs" / f"{name}.log") for name in expected_steps}
+    for name in expected_steps:
+        assert steps[name]["status"] == "ok", (name, logs[name].read_text()[-3000:] if logs[name].exists() else "")
+
+    env_json = json.loads((out / "env.json").read_text())
+    assert env_json["packages"]["torch"] == torch.__version__  # the distribution's version string
+    assert env_json["torch"]["cuda_available"] is torch.cuda.is_available()
+    golden = json.loads((out / "golden.json").read_text())
+    assert golden["complete"] is True and golden["device"] == "cpu"
+    assert golden["golden_fp32"]["sdpa"]["logits"] < 1e-5 and golden["golden_fp32"]["eager"]["logits"] < 1e-5
+    assert 0 < golden["low_precision"]["bfloat16"]["logits_relative_error_vs_fp32"] < 0.1
+    assert golden["cache_equals_full"]["prefill1_relative_error"] < 1e-5
+    assert golden["padded_equals_alone"]["forward_max_relative_error"] < 1e-5
+    assert isinstance(golden["static_cache"].get("greedy_tokens_equal_default_cache", golden["static_cache"].get(
+        "error")), (bool, str))
+
+    core = json.loads((out / "bench_core.json").read_text())
+    assert core["complete"] and core["forward"]["backpack"]["median_s"] > 0 and core["latency"]["gpt2_pos16"]
+    generate = json.loads((out / "bench_generate.json").read_text())
+    assert generate["complete"] and generate["meta"]["sizes"]["new_tokens"] == 8
+    for batch in ("batch1", "batch2"):
+        entry = generate["generate"][batch]
+        assert entry["backpack_cached"]["tokens_per_s"] > 0 and entry["gpt2_cached"]["tokens_per_s"] > 0
+        for variant in ("backpack_static", "backpack_static_compiled"):
+            assert entry[variant].get("tokens_per_s", 0) > 0 or entry[variant]["error"]
+    assert generate["generate"]["batch1"]["backpack_full_recompute"]["tokens_per_s"] > 0
+    compiled = json.loads((out / "bench_train_compiled.json").read_text())
+    assert compiled["backpack_compiled"]["median_s"] > 0 and compiled["gpt2_eager"]["median_s"] > 0
+    memory = json.loads((out / "bench_memory.json").read_text())
+    assert memory["memory"]["seq64"]["fused"]["step_peak_bytes"] > 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("compiled_backpack", "compiled_gpt2", "eager_backpack", "eager_gpt2"):
+        run = summary["trainer"][name]
+        assert run["tokens_per_s"] > 0 and run["steady_windows"] >= 1, (name, run)
+    assert isinstance(summary["trainer"]["compiled_backpack"]["recompilations_logged"], int)
+    assert summary["measured"]["forward_ratio_backpack_over_gpt2"] > 0
+    assert all(row["value"] is not None or "error" in row for row in summary["golden"])
+    page = (out / "summary.md").read_text()
+    assert "## Issue 10 targets" in page and "this run had no GPU" in page
+    print(f"device check smoke: {elapsed:.0f} s")
