@@ -46,7 +46,7 @@ def import_optional(module: str, purpose: str) -> ModuleType:
     except ModuleNotFoundError as error:
         # `error.name` is the module that is really absent: the library itself, or one of its own dependencies
         # (installing the extra brings both).
-        missing = error.name or module.split(".")[0]
+        missing = (error.name or module).split(".")[0]
         raise MissingExtraError(
             f"{purpose} needs the `{missing}` package, which is not installed: {install_hint(extra)}",
             extra=extra,
