@@ -3,6 +3,7 @@
     python hub_upload.py outputs/nano/model --repo-id me/backpack-nano --dry-run
     python hub_upload.py outputs/nano/model --repo-id me/backpack-nano --private
     python hub_upload.py outputs/nano/checkpoints/checkpoint_2 --repo-id me/backpack-nano --revision step-2000
+    python hub_upload.py --update-code stanfordnlp/backpack-gpt2 [--dry-run]
 
 CHECKPOINT is a folder that the trainer exported (``config.json`` + weights, as ``train/export.py`` writes it), or
 an Accelerate checkpoint (``accelerator.save_state``: ``model.safetensors`` of the raw state dict beside the
@@ -16,16 +17,23 @@ process through ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=Tr
 a fixed input equal the checkpoint's and runs the text-generation pipeline for a few tokens. Only then does it push,
 with ``HfApi``, everything in ONE commit: a failure never leaves a half-updated repo.
 
+``--update-code OWNER/NAME`` proposes this package's model code to an existing Backpack repo instead: it downloads
+the repo's snapshot, swaps in the two installed code files (and ``auto_map`` in ``config.json`` if needed; the
+weights are untouched), checks in a fresh process with ``trust_remote_code=True`` that the weights load and give the
+same logits as the installed classes, then opens ONE pull request and prints its URL and the ``revision="refs/pr/N"``
+that loads it until it is merged.
+
 From Python (``train/pretrain.py --push_to_hub`` calls this, on the main process only)::
 
     from hub_upload import push_checkpoint
     url = push_checkpoint("outputs/nano/model", "me/backpack-nano", private=True)
 
 Exit codes:
-    0  pushed (with --dry-run: staged and validated, nothing pushed)
+    0  pushed or pull request opened (with --dry-run: staged and validated, nothing pushed)
     1  unexpected error (with its traceback)
     2  bad command line (argparse errors; a repo id that is not OWNER/NAME)
-    3  the checkpoint can't be read: weights or configuration missing, not a Backpack, unsupported layout
+    3  the checkpoint can't be read: weights or configuration missing, not a Backpack, unsupported layout,
+       an incomplete trainer checkpoint (no checkpoint.json)
     4  validation of the staging folder failed: nothing was pushed
     5  no Hugging Face token, or the Hub rejected it (401)
     6  the token may not write to the repo (403, a read-only token, another user's namespace)
@@ -36,8 +44,10 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -61,10 +71,12 @@ from huggingface_hub import (
     ModelCardData,
     get_token,
 )
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 
 import configuration_backpack_gpt2
 import modeling_backpack_gpt2
+from backpack.loading import ModelLoadError, is_backpack_config, load_model, load_pretrained_model
 from configuration_backpack_gpt2 import BackpackGPT2Config
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
@@ -76,10 +88,18 @@ CODE_MODULES = (configuration_backpack_gpt2, modeling_backpack_gpt2)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_MARKERS = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+# What config.json needs for AutoModelForCausalLM(..., trust_remote_code=True) to find the code files.
+AUTO_MAP = {"AutoConfig": "configuration_backpack_gpt2.BackpackGPT2Config",
+            "AutoModelForCausalLM": "modeling_backpack_gpt2.BackpackGPT2LMHeadModel"}
 # Remote weight files that a new push replaces: a stale shard or index next to new weights would break loading.
 STALE_WEIGHT_PATTERN = re.compile(r"(^|/)(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 # Accelerate's ``save_state`` writes these beside the model weights.
 ACCELERATE_MARKERS = ("optimizer.bin", "optimizer.safetensors", "scheduler.bin", "random_states_0.pkl")
+# The trainer's own files in a checkpoint folder: the run's position (step, micro_batches, tokens,
+# sequences_per_step), and the manifest it writes last, once everything else is on disk.
+TRAINING_STATE_FILE = "training_state.json"
+MANIFEST_FILE = "checkpoint.json"
+LEGACY_TRAINING_STATE_FILE = "custom_checkpoint_0.pkl"  # older trainers: Accelerate's registered-object pickle
 VALIDATION_PROMPT = "The Backpack language model predicts the next word from"
 VALIDATION_NEW_TOKENS = 5
 GPT2_EOS = 50256
@@ -195,12 +215,6 @@ def _has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-def _is_backpack_config(config: dict) -> bool:
-    """A Backpack config: our own keys, or the published ``auto_map`` (its model_type is "gpt2")."""
-    names = " ".join([*(config.get("architectures") or []), *(config.get("auto_map") or {}).values()])
-    return "num_senses" in config or "Backpack" in names
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -275,15 +289,74 @@ def _few(names: list[str], count: int = 5) -> str:
 
 
 def _read_training_state(folder: Path) -> dict:
-    """The trainer's ``TrainingState`` (step, tokens) that Accelerate pickled as ``custom_checkpoint_0.pkl``."""
-    path = folder / "custom_checkpoint_0.pkl"
-    if not path.is_file():
+    """The trainer's position in the run (step, micro_batches, tokens, sequences_per_step), {} when not recorded.
+
+    ``training_state.json`` in the checkpoint folder; checkpoints of older trainers have it in Accelerate's
+    ``custom_checkpoint_0.pkl`` instead, read with ``weights_only=True`` (plain data only, no code).
+    """
+    path = folder / TRAINING_STATE_FILE
+    if path.is_file():
+        state = _read_json(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} is not a JSON object with the run's step and tokens")
+        return state
+    path = folder / LEGACY_TRAINING_STATE_FILE
+    if not path.is_file() or (folder / MANIFEST_FILE).is_file():  # a new-format checkpoint never has one to trust
         return {}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # another registered object, or an older format: the card then says "not recorded"
         return {}
     return state if isinstance(state, dict) else {}
+
+
+def _is_new_format_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder of the current trainer: its position is in training_state.json, not in a pickle.
+
+    Also true for a ``checkpoints/checkpoint_<i>`` folder with Accelerate's files but neither record: a save that
+    stopped before the trainer wrote its own files (older trainers always wrote custom_checkpoint_0.pkl).
+    """
+    if (folder / TRAINING_STATE_FILE).is_file() or (folder / MANIFEST_FILE).is_file():
+        return True
+    accelerate = any((folder / name).is_file() for name in ACCELERATE_MARKERS)
+    return (accelerate and folder.parent.name == "checkpoints" and re.fullmatch(r"checkpoint_\d+", folder.name)
+            is not None and not (folder / LEGACY_TRAINING_STATE_FILE).is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_complete(folder: Path) -> None:
+    """Refuse an interrupted or damaged save of the trainer: a new-format checkpoint must have its manifest.
+
+    The manifest ``checkpoint.json`` (``{"format", "step", "files": {path: {"bytes", "sha256"}}}``) is written
+    last; every file it lists must be there with its size and SHA-256.
+    """
+    if not _is_new_format_checkpoint(folder):
+        return
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{folder} is an incomplete trainer checkpoint: it has no {MANIFEST_FILE}, which the trainer writes "
+            "last, so the save was interrupted and its files may be partial. Publish an earlier checkpoint or the "
+            "run's final export (<output_dir>/model) instead"
+        )
+    manifest = _read_json(manifest_path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
+        raise CheckpointError(f"{manifest_path} is not a checkpoint manifest (no \"files\" table)")
+    for relative, entry in sorted(files.items()):
+        path = folder / relative
+        if ".." in Path(relative).parts or not path.is_file():
+            raise CheckpointError(f"{folder} is incomplete: {relative}, listed in its {MANIFEST_FILE}, is missing")
+        if path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+            raise CheckpointError(f"{folder}: {relative} does not match its size / SHA-256 in {MANIFEST_FILE} "
+                                  "(truncated, corrupted or replaced)")
 
 
 def _find_card(*folders: Path | None) -> ModelCard | None:
@@ -302,20 +375,21 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     source = Path(folder).expanduser().resolve()
     if not source.is_dir():
         raise CheckpointError(f"{source} is not a folder")
+    _check_complete(source)
+    if source.name == "model":  # a checkpoint's export: the checkpoint around it must be complete too
+        _check_complete(source.parent)
 
     if (source / "config.json").is_file() and _has_weights(source):
         config = _read_json(source / "config.json")
-        if not _is_backpack_config(config):
+        if not is_backpack_config(config):
             raise CheckpointError(f"{source}/config.json is not a Backpack GPT-2 configuration "
                                   f"(architectures: {config.get('architectures')}); this tool publishes Backpacks")
-        model, info = BackpackGPT2LMHeadModel.from_pretrained(source, output_loading_info=True)
-        # from_pretrained initialises missing weights at random and only warns: never publish such a model.
-        missing = sorted(info.get("missing_keys", ()))
-        mismatched = sorted(str(key) for key in info.get("mismatched_keys", ()))
-        if missing or mismatched:
-            raise CheckpointError(f"the weights in {source} do not fit its config.json: missing {_few(missing)}, "
-                                  f"wrong shape {_few(mismatched)}")
-        model.eval()
+        # The package's loader: the installed classes, and missing / mis-shaped / left-over weights refused by name
+        # (from_pretrained initialises missing weights at random and only warns: never publish such a model).
+        try:
+            model = load_pretrained_model(source, config=config, require_backpack=True)
+        except ModelLoadError as error:
+            raise CheckpointError(str(error)) from error
         run_file = source / RUN_FILE
         run = _read_json(run_file) if run_file.is_file() else {}
         metrics = run.get("metrics", {}) or {}
@@ -343,7 +417,7 @@ def _load_accelerate_checkpoint(source: Path) -> Checkpoint:
     run = _read_json(run_dir / RUN_FILE) if run_dir else {}
     if export_dir is not None:
         config_dict = _read_json(export_dir / "config.json")
-        if not _is_backpack_config(config_dict):
+        if not is_backpack_config(config_dict):
             raise CheckpointError(f"{export_dir}/config.json is not a Backpack GPT-2 configuration")
         config = BackpackGPT2Config.from_pretrained(export_dir)
     elif run:
@@ -433,18 +507,49 @@ def describe_data(args: dict) -> tuple[str, str, str | None]:
     return "not recorded", "training data", None
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def measured_validation(metrics: dict, prefix: str = "") -> tuple[float | None, float] | None:
+    """``(loss, perplexity)`` of a validation that really measured something, else None.
+
+    A validation over zero tokens (an empty split, or one shorter than a block) averages nothing: loss 0 and
+    perplexity exp(0) = 1.0, a perfect score that was never measured. The run's token count
+    (``<prefix>val_tokens``) says so when recorded; without it, that exact signature is taken for one.
+
+    Args:
+        prefix: ``""`` for the final validation, ``"start_"`` for the one before training.
+    """
+    loss, perplexity = metrics.get(f"{prefix}val_loss"), metrics.get(f"{prefix}val_perplexity")
+    tokens = metrics.get(f"{prefix}val_tokens")
+    if not _is_number(perplexity):
+        return None
+    if tokens is not None and not (_is_number(tokens) and tokens > 0):
+        return None
+    if tokens is None and perplexity == 1.0 and loss in (None, 0):
+        return None
+    return (float(loss) if _is_number(loss) else None), float(perplexity)
+
+
+def _zero_token_validation(metrics: dict, prefix: str = "") -> bool:
+    """Whether the run recorded a validation result that measured no tokens (see `measured_validation`)."""
+    return f"{prefix}val_perplexity" in metrics and measured_validation(metrics, prefix) is None
+
+
 def eval_results(checkpoint: Checkpoint, data_name: str, data_id: str | None) -> list[EvalResult]:
-    """The run's recorded validation results as model-index entries (none when the run recorded none)."""
-    metrics = checkpoint.metrics
+    """The run's measured validation results as model-index entries (none when nothing was measured)."""
+    measured = measured_validation(checkpoint.metrics)
+    if measured is None:
+        return []
+    loss, perplexity = measured
     common = dict(task_type="text-generation", task_name="Language modeling", dataset_type=data_id or "local",
                   dataset_name=data_name, dataset_split="validation")
-    results = []
-    if isinstance(metrics.get("val_perplexity"), (int, float)):
-        results.append(EvalResult(metric_type="perplexity", metric_name="Validation perplexity",
-                                  metric_value=round(float(metrics["val_perplexity"]), 4), **common))
-    if isinstance(metrics.get("val_loss"), (int, float)):
+    results = [EvalResult(metric_type="perplexity", metric_name="Validation perplexity",
+                          metric_value=round(perplexity, 4), **common)]
+    if loss is not None:
         results.append(EvalResult(metric_type="loss", metric_name="Validation loss (nats/token)",
-                                  metric_value=round(float(metrics["val_loss"]), 4), **common))
+                                  metric_value=round(loss, 4), **common))
     return results
 
 
@@ -554,16 +659,21 @@ def _evaluation_section(checkpoint: Checkpoint, data_prose: str) -> str:
         cells = [format(v, f) if isinstance(v, (int, float)) else "–" for v, f in ((loss, ".4f"), (perplexity, ".2f"))]
         return f"| {label} | {cells[0]} | {cells[1]} |"
 
+    empty = " (0 tokens: the validation split is empty or shorter than one block)"
     rows = []
-    if isinstance(metrics.get("start_val_perplexity"), (int, float)):
-        rows.append(row("validation, before training", metrics.get("start_val_loss"), metrics["start_val_perplexity"]))
-    if isinstance(metrics.get("val_perplexity"), (int, float)):
-        rows.append(row("validation, these weights", metrics.get("val_loss"), metrics["val_perplexity"]))
+    if (start := measured_validation(metrics, "start_")) is not None:
+        rows.append(row("validation, before training", *start))
+    if (final := measured_validation(metrics)) is not None:
+        rows.append(row("validation, these weights", *final))
+    elif _zero_token_validation(metrics):
+        rows.append(f"| validation, these weights | not measured{empty} | – |")
     elif rows:
         rows.append("| validation, these weights | not measured (the run stopped before its next evaluation) | – |")
-    if isinstance(metrics.get("train_loss"), (int, float)):
+    if _is_number(metrics.get("train_loss")):
         rows.append(row("training batch, last step", metrics["train_loss"], None))
     if not rows:
+        if _zero_token_validation(metrics) or _zero_token_validation(metrics, "start_"):
+            return f"## Evaluation\n\nNo validation was measured for these weights{empty}.\n"
         return "## Evaluation\n\nNo evaluation was recorded for these weights.\n"
     return (f"## Evaluation\n\nNext-token loss (nats per token) and perplexity on the held-out validation split of "
             f"{data_prose}, as the training run measured them.\n\n| | loss | perplexity |\n|---|---|---|\n"
@@ -633,6 +743,8 @@ def build_model_card(checkpoint: Checkpoint, repo_id: str, revision: str | None 
         if results:
             data.model_name = data.model_name or model_name
             data.eval_results = results
+        elif _zero_token_validation(checkpoint.metrics):  # an older entry would now describe unmeasured weights
+            data.eval_results = None
         return existing
 
     data = ModelCardData(
@@ -706,14 +818,33 @@ def stage(checkpoint: Checkpoint, staging: str | os.PathLike, repo_id: str, *, r
     return list_files(staging)
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _auto_map_is_current(config: dict) -> bool:
+    """Whether ``architectures`` and ``auto_map`` already point ``AutoModelForCausalLM`` at the code files."""
+    auto_map = config.get("auto_map") or {}
+    return (config.get("architectures") == [BackpackGPT2LMHeadModel.__name__]
+            and all(auto_map.get(key) == value for key, value in AUTO_MAP.items()))
+
+
 def _ensure_auto_map(path: Path) -> None:
     """config.json must let ``AutoModelForCausalLM`` find the remote code: auto_map and architectures."""
     config = json.loads(path.read_text(encoding="utf-8"))
-    config["architectures"] = ["BackpackGPT2LMHeadModel"]
-    auto_map = config.setdefault("auto_map", {})
-    auto_map["AutoConfig"] = "configuration_backpack_gpt2.BackpackGPT2Config"
-    auto_map["AutoModelForCausalLM"] = "modeling_backpack_gpt2.BackpackGPT2LMHeadModel"
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    config["architectures"] = [BackpackGPT2LMHeadModel.__name__]
+    config.setdefault("auto_map", {}).update(AUTO_MAP)
+    _write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --- validation in a fresh process ---------------------------------------------------------------------------
@@ -727,6 +858,7 @@ try:
     import torch
     from transformers import AutoModelForCausalLM, pipeline
     staging, reference_path, prompt, new_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    tokenizer = sys.argv[5] if len(sys.argv) > 5 else staging
     reference = torch.load(reference_path, weights_only=True)
     model = AutoModelForCausalLM.from_pretrained(staging, trust_remote_code=True).eval()
     result["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
@@ -736,7 +868,7 @@ try:
     result["shape_ok"] = list(logits.shape) == list(expected.shape)
     result["logits_equal"] = bool(result["shape_ok"] and torch.equal(logits, expected))
     result["max_abs_diff"] = float((logits.float() - expected.float()).abs().max()) if result["shape_ok"] else None
-    generator = pipeline("text-generation", model=staging, trust_remote_code=True)
+    generator = pipeline("text-generation", model=staging, tokenizer=tokenizer, trust_remote_code=True)
     output = generator(prompt, max_new_tokens=new_tokens, do_sample=False)
     result["generated_text"] = output[0]["generated_text"]
     result["ok"] = True
@@ -776,8 +908,11 @@ def reference_batch(model: BackpackGPT2LMHeadModel, tokenizer) -> dict[str, torc
 
 
 def validate_staging(staging: str | os.PathLike, reference: dict[str, torch.Tensor], *,
-                     timeout: float = 900.0) -> ValidationReport:
+                     tokenizer_dir: str | os.PathLike | None = None, timeout: float = 900.0) -> ValidationReport:
     """Load ``staging`` with remote code in a fresh process, compare logits with ``reference``, run the pipeline.
+
+    Args:
+        tokenizer_dir: The pipeline's tokenizer, for a staging folder without one (default: the staging folder).
 
     Raises:
         ValidationFailed: with the reason (import error, mismatch, pipeline failure, timeout).
@@ -793,6 +928,8 @@ def validate_staging(staging: str | os.PathLike, reference: dict[str, torch.Tens
                    TOKENIZERS_PARALLELISM="false")
         command = [sys.executable, "-c", _VALIDATION_SCRIPT, str(Path(staging).resolve()), str(reference_path),
                    VALIDATION_PROMPT, str(VALIDATION_NEW_TOKENS)]
+        if tokenizer_dir is not None:
+            command.append(str(Path(tokenizer_dir).resolve()))
         try:
             process = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as error:
@@ -863,6 +1000,10 @@ def hub_errors_as_messages(repo_id: str, action: str) -> Iterator[None]:
                              "(nothing was pushed)") from error
     except hub_errors.LocalTokenNotFoundError as error:
         raise AuthenticationError(f"{action}: no Hugging Face token; {_token_hint()}") from error
+    except hub_errors.LocalEntryNotFoundError as error:  # a download that found neither the Hub nor a cached copy
+        offline = "HF_HUB_OFFLINE is set and " if hub_constants.HF_HUB_OFFLINE else "the Hub could not be reached and "
+        raise HubUnreachable(f"{action}: {offline}{repo_id} is not in the Hub cache ({hub_constants.HF_HUB_CACHE}). "
+                             "Nothing was pushed") from error
     except hub_errors.HfHubHTTPError as error:
         status = _status(error)
         server = f" The Hub said: {error.server_message}" if getattr(error, "server_message", None) else ""
@@ -890,8 +1031,12 @@ def hub_errors_as_messages(repo_id: str, action: str) -> Iterator[None]:
                              "again") from error
 
 
-def check_token(api: HfApi, token: str | None, repo_id: str) -> str:
+def check_token(api: HfApi, token: str | None, repo_id: str, *, own_namespace: bool = True) -> str:
     """The token to use, after the Hub confirmed it (whoami) and it can plausibly write to the owner's namespace.
+
+    Args:
+        own_namespace: Require the repo's owner to be the user or one of their organisations (a push); False for a
+            pull request, which anyone with a write token may open on a public repo.
 
     Raises:
         AuthenticationError: no token, or the Hub rejects it.
@@ -909,7 +1054,7 @@ def check_token(api: HfApi, token: str | None, repo_id: str) -> str:
         raise PermissionDenied(f"the token {access.get('displayName', '')!r} is read-only; {_token_hint()}")
     owner = repo_id.split("/")[0]
     namespaces = {me.get("name")} | {org.get("name") for org in me.get("orgs") or []}
-    if me.get("type") == "user" and owner not in namespaces:
+    if own_namespace and me.get("type") == "user" and owner not in namespaces:
         raise PermissionDenied(f"{me.get('name')} can't create repos under {owner!r} (your namespaces: "
                                f"{', '.join(sorted(n for n in namespaces if n))}); choose --repo-id in one of them")
     return token
@@ -1044,6 +1189,147 @@ def _staging_folder(staging_dir: str | os.PathLike | None) -> Iterator[Path]:
         yield Path(scratch) / "repo"
 
 
+# --- proposing this package's code to an existing repo: one pull request ----------------------------------------
+
+CODE_UPDATE_MESSAGE = "Update the model code for transformers 5 (backpack-gpt2 package)"
+COMMIT_OID = re.compile(r"[0-9a-f]{40}")
+
+
+def stage_code_update(snapshot: str | os.PathLike, staging: str | os.PathLike) -> list[StagedFile]:
+    """The repo's files with the installed model code swapped in (and ``auto_map`` fixed if needed).
+
+    Weight files are linked to the downloaded snapshot, never copied or rewritten; every other file is copied.
+
+    Returns:
+        The files that differ from the repo's (what the pull request changes), possibly none.
+    """
+    snapshot, staging = Path(snapshot), Path(staging)
+    if staging.exists() and any(staging.iterdir()):
+        raise UsageError(f"--staging-dir {staging} is not empty")
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in sorted(snapshot.rglob("*")):
+        relative = path.relative_to(snapshot).as_posix()
+        if path.is_dir() or relative.startswith("."):  # .gitattributes stays as it is in the repo
+            continue
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if STALE_WEIGHT_PATTERN.search(relative):
+            target.symlink_to(path.resolve())
+        else:
+            shutil.copyfile(path, target)
+
+    changed = []
+    for module in CODE_MODULES:
+        source = Path(module.__file__)
+        target = staging / source.name
+        if not target.is_file() or target.read_bytes() != source.read_bytes():
+            shutil.copyfile(source, target)
+            changed.append(source.name)
+    config_path = staging / "config.json"
+    if not _auto_map_is_current(_read_json(config_path)):
+        _ensure_auto_map(config_path)
+        changed.append("config.json")
+    return [file for file in list_files(staging) if file.path in changed]
+
+
+def _code_update_description(report: ValidationReport) -> str:
+    return (
+        "The repo's model code dates from 2023 and no longer loads on transformers 5 (for instance `AttributeError: "
+        "'BackpackGPT2LMHeadModel' object has no attribute 'all_tied_weights_keys'`). This pull request replaces "
+        "`configuration_backpack_gpt2.py` and `modeling_backpack_gpt2.py` with those of the checkpoint-compatible "
+        "`backpack-gpt2` package (and sets `auto_map` in `config.json` where needed). The weights are untouched.\n\n"
+        f"Validated before opening it, in a fresh process with `trust_remote_code=True`: {report.summary()}"
+    )
+
+
+def update_code(
+    repo_id: str,
+    *,
+    token: str | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    staging_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+):
+    """Open a pull request on an existing Backpack model repo that swaps in this package's two model files.
+
+    Downloads the repo's snapshot (main), swaps in the installed ``configuration_backpack_gpt2.py`` and
+    ``modeling_backpack_gpt2.py`` (and ``auto_map`` in config.json if needed; weights untouched), checks in a fresh
+    process that ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`` loads the result and gives
+    the same logits as the installed classes on the repo's weights, then opens ONE pull request with the changed
+    files, based on the validated commit.
+
+    Args:
+        repo_id: ``OWNER/NAME`` of the model repo, e.g. ``stanfordnlp/backpack-gpt2``.
+        token: Hugging Face token with write access (a pull request needs no membership of the owner's namespace).
+        commit_message: The pull request's title (default: ``CODE_UPDATE_MESSAGE``).
+        dry_run: Download, stage and validate, then list what the pull request would change (no token needed).
+        staging_dir: Where to build the staging folder and keep it (empty or missing); None: a temporary folder.
+        log: Where progress lines go.
+
+    Returns:
+        The ``CommitInfo`` of the pull request (``pr_url``, ``pr_revision`` = ``"refs/pr/N"``), or None for a dry
+        run or a repo that already has this code.
+
+    Raises:
+        HubUploadError: a subclass per cause, with ``exit_code`` and a message that says what to do.
+    """
+    repo_id = parse_repo_id(repo_id)
+    api = _hub_api()
+    if not dry_run:  # fail on the token before downloading the weights
+        token = check_token(api, token, repo_id, own_namespace=False)
+
+    log(f"[1/4] Downloading the snapshot of {repo_id} (main)")
+    with hub_errors_as_messages(repo_id, f"downloading {repo_id}"):
+        snapshot = Path(api.snapshot_download(repo_id, repo_type="model", token=token))
+    commit = snapshot.name if COMMIT_OID.fullmatch(snapshot.name) else None
+    if not (snapshot / "config.json").is_file():
+        raise CheckpointError(f"{repo_id} has no config.json: not a transformers model repo")
+    config = _read_json(snapshot / "config.json")
+    if not is_backpack_config(config):
+        raise CheckpointError(f"{repo_id}'s config.json is not a Backpack GPT-2 configuration (model_type "
+                              f"{config.get('model_type')!r}, architectures {config.get('architectures')}); "
+                              "--update-code proposes the Backpack model code only")
+    log(f"      commit {commit or 'unknown'}, {len(list_files(snapshot))} files")
+
+    with _staging_folder(staging_dir) as staging:
+        log(f"[2/4] Staging the repo with this package's model code in {staging}")
+        changed = stage_code_update(snapshot, staging)
+        if not changed:
+            log(f"{repo_id} already has this package's model code and auto_map: nothing to propose")
+            return None
+        log("[3/4] Validating in a fresh process (the repo's weights with the new code, trust_remote_code=True)")
+        try:  # the reference: the installed classes on the same weights (the repo's own code is not imported)
+            model, tokenizer = load_model(snapshot, require_backpack=True)
+        except ModelLoadError as error:
+            raise CheckpointError(f"{repo_id}: {error}") from error
+        reference = reference_batch(model, tokenizer)
+        with tempfile.TemporaryDirectory(prefix="backpack-tokenizer-") as scratch:
+            has_tokenizer = any((staging / name).is_file() for name in TOKENIZER_MARKERS)
+            if not has_tokenizer:  # the pipeline check needs one; the published repo ships none (it is GPT-2's)
+                tokenizer.save_pretrained(scratch)
+            try:
+                report = validate_staging(staging, reference, tokenizer_dir=None if has_tokenizer else scratch)
+            except ValidationFailed as error:
+                raise ValidationFailed(f"validation failed, no pull request was opened: {error}") from error
+        log(f"      ok in {report.seconds:.0f}s: {report.summary()}")
+        if dry_run:
+            log(f"[4/4] Dry run: the pull request on {repo_id} would change these files (weights untouched):\n"
+                f"{format_file_list(changed)}")
+            return None
+        log(f"[4/4] Opening a pull request on {repo_id} with {len(changed)} files")
+        operations = [CommitOperationAdd(path_in_repo=file.path, path_or_fileobj=str(staging / file.path))
+                      for file in changed]
+        with hub_errors_as_messages(repo_id, "opening the pull request"):
+            info = api.create_commit(repo_id, operations, commit_message=commit_message or CODE_UPDATE_MESSAGE,
+                                     commit_description=_code_update_description(report), token=token,
+                                     repo_type="model", create_pr=True, parent_commit=commit)
+        log(f"Opened pull request: {info.pr_url}")
+        log(f'Until it is merged, load it with revision="{info.pr_revision}": AutoModelForCausalLM.from_pretrained('
+            f'"{repo_id}", revision="{info.pr_revision}", trust_remote_code=True)')
+        return info
+
+
 # --- command line --------------------------------------------------------------------------------------------
 
 
@@ -1052,9 +1338,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hub_upload.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__[__doc__.index("Exit codes:"):], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?",
                         help="exported model folder (config.json + weights) or Accelerate checkpoint folder")
-    parser.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="model repo to publish to")
+    parser.add_argument("--repo-id", metavar="OWNER/NAME", help="model repo to publish to (with CHECKPOINT)")
+    parser.add_argument("--update-code", metavar="OWNER/NAME", default=None,
+                        help="instead of publishing a checkpoint: open a pull request on this existing Backpack "
+                             "repo that replaces its two model code files with the installed ones (and fixes "
+                             "auto_map), weights untouched, after validating it (with --dry-run: validate only)")
     parser.add_argument("--revision", metavar="BRANCH", default=None,
                         help="branch to push to (created from main if missing; default: main)")
     parser.add_argument("--private", action="store_true",
@@ -1074,11 +1364,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.update_code is not None:
+        publishing = {"CHECKPOINT": args.checkpoint, "--repo-id": args.repo_id, "--revision": args.revision,
+                      "--private": args.private, "--license": args.license,
+                      "--max-shard-size": args.max_shard_size != parser.get_default("max_shard_size")}
+        extra = [name for name, value in publishing.items() if value]
+        if extra:
+            parser.error(f"--update-code opens a pull request on an existing repo's main branch; {', '.join(extra)} "
+                         "belong to publishing a checkpoint")
+    elif args.checkpoint is None or args.repo_id is None:
+        parser.error("give CHECKPOINT and --repo-id OWNER/NAME to publish, or --update-code OWNER/NAME")
     try:
-        push_checkpoint(args.checkpoint, args.repo_id, revision=args.revision, private=args.private, token=args.token,
-                        commit_message=args.commit_message, dry_run=args.dry_run, max_shard_size=args.max_shard_size,
-                        license=args.license, staging_dir=args.staging_dir)
+        if args.update_code is not None:
+            update_code(args.update_code, token=args.token, commit_message=args.commit_message, dry_run=args.dry_run,
+                        staging_dir=args.staging_dir)
+        else:
+            push_checkpoint(args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
+                            token=args.token, commit_message=args.commit_message, dry_run=args.dry_run,
+                            max_shard_size=args.max_shard_size, license=args.license, staging_dir=args.staging_dir)
     except HubUploadError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -7,7 +7,9 @@ against a mock transport, so the errors are the ones it really raises.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY_CHECKPOINT, tiny_model
+from hub_cache import CODE_FILES, PUBLISHED_ID, add_to_hub_cache, stand_in_code
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
@@ -260,16 +263,131 @@ def test_not_a_checkpoint_points_at_the_export(export, tmp_path, capsys):
     assert f"the run's export is {export}" in capsys.readouterr().err
 
 
+def trainer_checkpoint(model: BackpackGPT2LMHeadModel, folder: Path, step: int, metrics: dict | None = None) -> Path:
+    """A checkpoint as the current trainer writes it: Accelerate's files (no pickles), training_state.json, the
+    exported model/ folder, and the manifest checkpoint.json (written last) listing every file's size and SHA-256."""
+    from accelerate import checkpointing
+
+    folder.mkdir(parents=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpointing.save_accelerator_state(str(folder), [model.state_dict()], [optimizer], [], [], 0, step)
+    for pickled in folder.glob("*.pkl"):  # the trainer keeps its RNG states in safetensors instead
+        pickled.unlink()
+    state = {"step": step, "micro_batches": step * 2, "tokens": step * 4096, "sequences_per_step": 8}
+    (folder / "training_state.json").write_text(json.dumps(state))
+    export_like_trainer(model, folder / "model", metrics={**RUN_METRICS, "step": step, "tokens": step * 4096}
+                        if metrics is None else metrics)
+    files = {path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size,
+                                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+             for path in sorted(folder.rglob("*")) if path.is_file()}
+    (folder / "checkpoint.json").write_text(json.dumps({"format": 1, "step": step, "files": files}))
+    return folder
+
+
+def test_trainer_checkpoint_reads_its_position_from_training_state_json(tmp_path):
+    trained = _model(seed=5)
+    folder = trainer_checkpoint(trained, tmp_path / "run" / "checkpoints" / "checkpoint_3", step=150)
+    # A pickle dropped in later is never read: the position comes from the JSON only.
+    torch.save({"step": 999, "tokens": 1}, folder / "custom_checkpoint_0.pkl")
+    checkpoint = hub_upload.load_checkpoint(folder)
+    assert checkpoint.kind == "accelerate" and checkpoint.export_dir == folder / "model"
+    assert (checkpoint.step, checkpoint.tokens) == (150, 150 * 4096)
+    assert torch.equal(_logits(checkpoint.model), _logits(trained))
+    assert checkpoint.metrics["val_perplexity"] == pytest.approx(544.93)  # exported with these weights
+    exported = hub_upload.load_checkpoint(folder / "model")  # its export, through the package's loader
+    assert exported.kind == "export" and torch.equal(_logits(exported.model), _logits(trained))
+
+
+@pytest.mark.parametrize("given", ["checkpoint", "its export"])
+def test_trainer_checkpoint_without_its_manifest_is_refused_as_incomplete(tmp_path, capsys, given):
+    folder = trainer_checkpoint(_model(), tmp_path / "run" / "checkpoints" / "checkpoint_0", step=10)
+    (folder / "checkpoint.json").unlink()  # the save stopped before its last write
+    target = folder if given == "checkpoint" else folder / "model"
+    assert hub_upload.main([str(target), "--repo-id", REPO_ID, "--dry-run"]) == 3
+    err = capsys.readouterr().err
+    assert f"{folder} is an incomplete trainer checkpoint: it has no checkpoint.json" in err
+
+
+def test_trainer_checkpoint_with_a_file_that_does_not_match_its_manifest_is_refused(tmp_path):
+    folder = trainer_checkpoint(_model(), tmp_path / "run" / "checkpoints" / "checkpoint_0", step=10)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(hub_upload.CheckpointError, match="model.safetensors does not match its size / SHA-256"):
+        hub_upload.load_checkpoint(folder)
+
+
+def test_checkpoint_with_only_accelerate_files_in_a_checkpoints_folder_is_refused_as_incomplete(tmp_path):
+    folder = tmp_path / "run" / "checkpoints" / "checkpoint_0"
+    folder.mkdir(parents=True)
+    from accelerate import checkpointing
+
+    model = _model()
+    checkpointing.save_accelerator_state(str(folder), [model.state_dict()],
+                                         [torch.optim.AdamW(model.parameters())], [], [], 0, 1)
+    (folder / "random_states_0.pkl").unlink()  # stopped before the trainer's own files were written
+    with pytest.raises(hub_upload.CheckpointError, match="incomplete trainer checkpoint"):
+        hub_upload.load_checkpoint(folder)
+
+
+# --- honest metrics in the card ----------------------------------------------------------------------------------
+
+ZERO_TOKEN_VALIDATION = dict(RUN_METRICS, start_val_loss=0.0, start_val_perplexity=1.0, val_loss=0.0,
+                             val_perplexity=1.0)
+
+
+@pytest.mark.parametrize("metrics", [
+    dict(ZERO_TOKEN_VALIDATION, start_val_tokens=0, val_tokens=0),  # the count recorded
+    ZERO_TOKEN_VALIDATION,  # older runs: only the signature of an empty average (loss 0, perplexity exp(0))
+], ids=["token count", "signature"])
+def test_validation_on_zero_tokens_gives_no_model_index_and_no_perplexity(tmp_path, metrics):
+    folder = export_like_trainer(_model(), tmp_path / "model", metrics=metrics)
+    checkpoint = hub_upload.load_checkpoint(folder)
+    card = hub_upload.build_model_card(checkpoint, REPO_ID)
+    assert not card.data.eval_results and "model-index" not in card.content
+    assert "perplexity" not in (card.data.metrics or [])
+    evaluation = card.text[card.text.index("## Evaluation"):card.text.index("## Limitations")]
+    assert "| validation, these weights | not measured (0 tokens" in evaluation
+    assert "1.00" not in evaluation and "1.0000" not in evaluation and "before training" not in evaluation
+    assert "| training batch, last step | 6.1200 | – |" in evaluation
+
+
+def test_a_run_without_any_validation_metric_gives_no_model_index(tmp_path):
+    metrics = {key: value for key, value in RUN_METRICS.items() if "val_" not in key}
+    checkpoint = hub_upload.load_checkpoint(export_like_trainer(_model(), tmp_path / "model", metrics=metrics))
+    card = hub_upload.build_model_card(checkpoint, REPO_ID)
+    assert not card.data.eval_results and "model-index" not in card.content and "perplexity |" in card.text
+    assert "| validation" not in card.text
+
+
+def test_measured_validation_is_reported_even_when_its_count_is_recorded(tmp_path):
+    metrics = dict(RUN_METRICS, val_tokens=20_480, start_val_tokens=20_480)
+    checkpoint = hub_upload.load_checkpoint(export_like_trainer(_model(), tmp_path / "model", metrics=metrics))
+    card = hub_upload.build_model_card(checkpoint, REPO_ID)
+    assert card.data.eval_results[0].metric_value == pytest.approx(544.93)
+
+
+def test_an_existing_cards_results_are_dropped_when_the_run_measured_zero_tokens(tmp_path):
+    folder = export_like_trainer(_model(), tmp_path / "model", metrics=dict(ZERO_TOKEN_VALIDATION, val_tokens=0))
+    old = hub_upload.build_model_card(hub_upload.load_checkpoint(export_like_trainer(
+        _model(), tmp_path / "before" / "model")), REPO_ID)
+    assert old.data.eval_results  # the earlier push had measured results
+    old.save(folder / "README.md")
+    card = hub_upload.build_model_card(hub_upload.load_checkpoint(folder), REPO_ID)
+    assert not card.data.eval_results and "model-index" not in card.content
+
+
 # --- the push, intercepted at the HfApi boundary -----------------------------------------------------------------
 
 
 class FakeHub:
     """Records what HfApi would send; answers like the Hub for a writable user ``someone``."""
 
-    def __init__(self, remote_files: list[str] | None = None, existing_public: bool = False):
+    def __init__(self, remote_files: list[str] | None = None, existing_public: bool = False,
+                 snapshot: Path | None = None):
         self.calls: list[tuple[str, dict]] = []
         self.remote_files = remote_files or [".gitattributes"]
         self.existing_public = existing_public
+        self.snapshot = snapshot  # what snapshot_download "downloads" (a folder of a Hub cache)
         self.commits: list[dict] = []
 
     def install(self, monkeypatch) -> FakeHub:
@@ -302,12 +420,19 @@ class FakeHub:
             deleted = [op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)]
             fake.commits.append({"repo_id": repo_id, "added": added, "deleted": deleted, **kwargs})
             fake.calls.append(("create_commit", {"repo_id": repo_id, **kwargs}))
+            pr_url = f"https://huggingface.co/{repo_id}/discussions/7" if kwargs.get("create_pr") else None
             return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123", commit_message="m",
-                              commit_description="", oid="abc123")
+                              commit_description="", oid="abc123", pr_url=pr_url)
+
+        def snapshot_download(api, repo_id, **kwargs):
+            fake.calls.append(("snapshot_download", {"repo_id": repo_id, **kwargs}))
+            assert fake.snapshot is not None, "snapshot_download called: only --update-code downloads a repo"
+            return str(fake.snapshot)
 
         for name, function in dict(whoami=whoami, create_repo=create_repo, repo_info=repo_info,
                                    create_branch=create_branch, list_repo_files=list_repo_files,
-                                   create_commit=create_commit, upload_folder=None, upload_file=None).items():
+                                   create_commit=create_commit, snapshot_download=snapshot_download,
+                                   upload_folder=None, upload_file=None).items():
             if function is None:  # anything that would commit in pieces must not be called
                 def function(*args, _name=name, **kwargs):
                     raise AssertionError(f"{_name} called: the push must be one create_commit")
@@ -498,3 +623,204 @@ def test_help_documents_exit_codes(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--dry-run" in out and "--max-shard-size" in out and "Exit codes:" in out and "403" in out
+
+
+# --- --update-code: a pull request with the installed model code on an existing repo --------------------------------
+
+
+def published_layout(model: BackpackGPT2LMHeadModel, **config_changes) -> dict[str, bytes]:
+    """config.json + pytorch_model.bin as the 2023 repo holds them (model_type gpt2 + auto_map, aliased keys)."""
+    config = json.loads((TINY_CHECKPOINT / "config.json").read_text())
+    config.update(n_embd=model.config.n_embd, n_layer=model.config.n_layer, n_head=model.config.n_head,
+                  n_positions=model.config.n_positions, num_senses=model.config.num_senses,
+                  vocab_size=model.config.vocab_size, bos_token_id=EOS, eos_token_id=EOS, **config_changes)
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    return {"config.json": json.dumps(config, indent=2).encode(), "pytorch_model.bin": weights.getvalue(),
+            ".gitattributes": b"*.bin filter=lfs diff=lfs merge=lfs -text\n"}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> dict:
+    """A Hub cache holding a tiny Backpack with GPT-2's vocabulary in the published layout as
+    ``stanfordnlp/backpack-gpt2``, with code files that fail on import like the 2023 ones."""
+    root = tmp_path_factory.mktemp("published")
+    cache, marker, model = root / "cache", root / "imported-repo-code.txt", _model(seed=6)
+    files: dict = published_layout(model)
+    files.update({name: stand_in_code(marker, name) for name in CODE_FILES})
+    snapshot = add_to_hub_cache(cache, PUBLISHED_ID, files)
+    return {"cache": cache, "marker": marker, "snapshot": snapshot, "model": model, "root": root}
+
+
+def _installed_code() -> dict[str, bytes]:
+    return {Path(module.__file__).name: Path(module.__file__).read_bytes() for module in hub_upload.CODE_MODULES}
+
+
+def test_update_code_dry_run_offline_swaps_the_code_and_validates_it_with_remote_code(published, monkeypatch,
+                                                                                      capsys, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read from the hand-built cache, as a user offline
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(published["cache"]))
+    monkeypatch.setattr(hub_upload, "_API", None)
+    staging = tmp_path / "staging"
+    code = hub_upload.main(["--update-code", PUBLISHED_ID, "--dry-run", "--staging-dir", str(staging)])
+    output = capsys.readouterr()
+    assert code == 0, output.err
+    assert f"commit {published['snapshot'].name}" in output.out
+    line = next(line for line in output.out.splitlines() if line.strip().startswith("ok in"))
+    assert "loaded as transformers_modules." in line and "logits identical" in line  # the swapped-in code ran
+    listing = output.out[output.out.index("[4/4]"):].splitlines()[1:]
+    assert [row.split()[0] for row in listing[:-1]] == sorted(CODE_FILES) and listing[-1].startswith("  2 files")
+    for name, data in _installed_code().items():
+        assert (staging / name).read_bytes() == data
+    # The weights are the repo's own file (linked, never rewritten); config.json already had the right auto_map.
+    assert (staging / "pytorch_model.bin").resolve() == (published["snapshot"] / "pytorch_model.bin").resolve()
+    assert (staging / "config.json").read_bytes() == (published["snapshot"] / "config.json").read_bytes()
+    assert not published["marker"].exists()  # the repo's own (stand-in) code was never imported
+
+
+@pytest.mark.parametrize("auto_map", ["current", "missing"])
+def test_update_code_opens_one_pull_request_with_only_the_changed_files(published, monkeypatch, capsys, auto_map):
+    snapshot = published["snapshot"]
+    if auto_map == "missing":  # an older config.json: only architectures names the class
+        files: dict = published_layout(published["model"], auto_map=None)
+        config = json.loads(files["config.json"])
+        del config["auto_map"]
+        files["config.json"] = json.dumps(config, indent=2).encode()
+        files.update({name: stand_in_code(published["marker"], name) for name in CODE_FILES})
+        snapshot = add_to_hub_cache(published["cache"], "someone/backpack-old-config", files)
+    hub = FakeHub(snapshot=snapshot).install(monkeypatch)
+    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    repo_id = PUBLISHED_ID if auto_map == "current" else "someone/backpack-old-config"
+    code = hub_upload.main(["--update-code", repo_id, "--token", "hf_test"])
+    output = capsys.readouterr()
+    assert code == 0, output.err
+    # The token is checked, the repo downloaded, and ONE commit opened as a pull request on the validated commit;
+    # whoami's user "someone" does not own stanfordnlp: a pull request needs no membership.
+    assert hub.names() == ["whoami", "snapshot_download", "create_commit"]
+    calls = dict(hub.calls)
+    assert calls["snapshot_download"] == {"repo_id": repo_id, "repo_type": "model", "token": "hf_test"}
+    [commit] = hub.commits
+    assert commit["repo_id"] == repo_id and commit["create_pr"] is True and commit["token"] == "hf_test"
+    assert commit["parent_commit"] == snapshot.name and commit.get("revision") is None
+    assert commit["commit_message"] == hub_upload.CODE_UPDATE_MESSAGE
+    assert "all_tied_weights_keys" in commit["commit_description"] and "weights are untouched" in \
+        commit["commit_description"]
+    assert commit["deleted"] == []
+    expected = _installed_code()
+    if auto_map == "missing":
+        config = json.loads(commit["added"].pop("config.json"))
+        assert config["auto_map"] == hub_upload.AUTO_MAP and config["architectures"] == ["BackpackGPT2LMHeadModel"]
+        original = json.loads((snapshot / "config.json").read_text())
+        assert {k: v for k, v in config.items() if k != "auto_map"} == original  # nothing else changed
+    assert commit["added"] == expected  # the two code files; never the weights
+    assert f"Opened pull request: https://huggingface.co/{repo_id}/discussions/7" in output.out
+    assert f'from_pretrained("{repo_id}", revision="refs/pr/7", trust_remote_code=True)' in output.out
+
+
+def test_update_code_with_failed_validation_opens_no_pull_request(published, monkeypatch, capsys):
+    hub = FakeHub(snapshot=published["snapshot"]).install(monkeypatch)
+    real_reference = hub_upload.reference_batch
+
+    def wrong_reference(model, tokenizer):  # as if the new code computed something else than the installed classes
+        reference = real_reference(model, tokenizer)
+        reference["logits"] = reference["logits"] + 1e-3
+        return reference
+
+    monkeypatch.setattr(hub_upload, "reference_batch", wrong_reference)
+    assert hub_upload.main(["--update-code", PUBLISHED_ID, "--token", "hf_test"]) == 4
+    err = capsys.readouterr().err
+    assert "validation failed, no pull request was opened" in err and "logits differ" in err
+    assert hub.names() == ["whoami", "snapshot_download"]
+
+
+def test_update_code_refuses_a_repo_that_is_not_a_backpack(published, monkeypatch, capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(tmp_path)
+    snapshot = add_to_hub_cache(published["cache"], "someone/gpt2-small",
+                                {p.name: p for p in tmp_path.iterdir() if p.is_file()})
+    hub = FakeHub(snapshot=snapshot).install(monkeypatch)
+    monkeypatch.setattr(hub_upload, "validate_staging", _must_not_run)
+    assert hub_upload.main(["--update-code", "someone/gpt2-small", "--token", "hf_test"]) == 3
+    assert "is not a Backpack GPT-2 configuration" in capsys.readouterr().err
+    assert "create_commit" not in hub.names()
+
+
+def test_update_code_on_a_repo_that_already_has_the_code_proposes_nothing(published, monkeypatch, capsys):
+    files: dict = published_layout(published["model"])
+    files.update(_installed_code())
+    snapshot = add_to_hub_cache(published["cache"], "someone/backpack-current", files)
+    hub = FakeHub(snapshot=snapshot).install(monkeypatch)
+    monkeypatch.setattr(hub_upload, "validate_staging", _must_not_run)
+    assert hub_upload.main(["--update-code", "someone/backpack-current", "--token", "hf_test"]) == 0
+    assert "already has this package's model code and auto_map: nothing to propose" in capsys.readouterr().out
+    assert hub.names() == ["whoami", "snapshot_download"]
+
+
+@pytest.mark.parametrize("argv", [["some/folder", "--update-code", PUBLISHED_ID],
+                                  ["--update-code", PUBLISHED_ID, "--repo-id", REPO_ID],
+                                  ["--update-code", PUBLISHED_ID, "--private"],
+                                  []])
+def test_update_code_and_publishing_arguments_do_not_mix(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        hub_upload.main(argv)
+    assert exit_info.value.code == 2
+    assert "--update-code" in capsys.readouterr().err
+
+
+def _pull_request_handler(status: int = 200):
+    """The Hub's answers for a user ``someone`` opening pull request #12 (or refusing the commit with `status`)."""
+
+    def handler(request, httpx):
+        path = request.url.path
+        if path == "/api/whoami-v2":
+            return httpx.Response(200, json={"type": "user", "name": "someone", "orgs": [],
+                                             "auth": {"accessToken": {"role": "write"}}}, request=request)
+        if path.startswith(f"/api/models/{PUBLISHED_ID}/preupload/"):
+            files = json.loads(request.content)["files"]
+            return httpx.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]}, request=request)
+        if path == f"/api/models/{PUBLISHED_ID}/commit/main" and status == 200:
+            return httpx.Response(200, json={
+                "commitUrl": f"https://huggingface.co/{PUBLISHED_ID}/commit/{'d' * 40}", "commitOid": "d" * 40,
+                "pullRequestUrl": f"https://huggingface.co/{PUBLISHED_ID}/discussions/12"}, request=request)
+        if path == f"/api/models/{PUBLISHED_ID}/commit/main":
+            return httpx.Response(status, headers={"X-Error-Message": "Forbidden: pull requests are disabled"},
+                                  json={"error": "forbidden"}, request=request)
+        return httpx.Response(404, json={"error": f"unexpected request {path}"}, request=request)
+
+    return handler
+
+
+def test_update_code_http_sends_one_pull_request_commit_of_the_code_files(published, hub_http, monkeypatch, capsys):
+    state, requests, _ = hub_http
+    state["handler"] = _pull_request_handler()
+    monkeypatch.setattr(HfApi, "snapshot_download", lambda api, repo_id, **kwargs: str(published["snapshot"]))
+    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    code = hub_upload.main(["--update-code", PUBLISHED_ID, "--token", "hf_test"])
+    output = capsys.readouterr()
+    assert code == 0, output.err
+    [commit] = [r for r in requests if r.url.path.endswith("/commit/main")]
+    assert commit.method == "POST" and commit.url.params["create_pr"] == "1"
+    assert commit.headers["authorization"] == "Bearer hf_test"
+    lines = [json.loads(line) for line in commit.content.decode().splitlines()]
+    header = lines[0]
+    assert header["key"] == "header" and header["value"]["summary"] == hub_upload.CODE_UPDATE_MESSAGE
+    assert header["value"]["parentCommit"] == published["snapshot"].name
+    sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:]
+            if line["key"] == "file"}
+    assert sent == _installed_code() and len(lines) == 3  # nothing else: no weights, no deletions
+    assert f"Opened pull request: https://huggingface.co/{PUBLISHED_ID}/discussions/12" in output.out
+    assert 'revision="refs/pr/12"' in output.out
+
+
+def test_update_code_http_403_on_the_pull_request_is_a_clear_error(published, hub_http, monkeypatch, capsys):
+    state, requests, _ = hub_http
+    state["handler"] = _pull_request_handler(status=403)
+    monkeypatch.setattr(HfApi, "snapshot_download", lambda api, repo_id, **kwargs: str(published["snapshot"]))
+    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    assert hub_upload.main(["--update-code", PUBLISHED_ID, "--token", "hf_test"]) == 6
+    err = capsys.readouterr().err
+    assert "opening the pull request" in err and "403 Forbidden" in err and "pull requests are disabled" in err
