@@ -178,6 +178,8 @@ class TopicController:
         self.f = 7.5 / float(self.deltas.max())
         if thresholds is None and self.strength > 0:
             thresholds = topic_thresholds(model, self.bag_ids, sample_size, seed, progress)
+        elif thresholds is not None:
+            thresholds = check_finite_tensor("thresholds", torch.as_tensor(thresholds, dtype=torch.float32))
         self.thresholds = thresholds
         self._delta_cache: dict[int, torch.Tensor] = {}
         self.reset()

@@ -174,6 +174,8 @@ def test_topic_bags_and_bad_inputs(trained):
         bag_token_ids(["", "x"], tokenizer)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         bag_token_ids([VOCAB + 1], None, VOCAB)
+    with pytest.raises(ValueError, match="thresholds: 1 of 3 values are NaN"):
+        TopicController(trained, BAG, 1, thresholds=torch.tensor([0.5, float("nan"), 0.1]))
     with pytest.raises(ValueError, match="empty input of shape \\(1, 0\\)"):
         bag_mass(trained, torch.zeros(1, 0, dtype=torch.long), BAG)
     nan_weights = torch.ones(1, 4, 3, 3)
