@@ -4,11 +4,25 @@ A Backpack GPT-2 is a GPT-2 Transformer (the *contextualization network*) plus a
 configuration is therefore GPT-2's, with two additions: the number of sense vectors per word and the width of
 the sense network's final feed-forward layer.
 
-The published checkpoint ``stanfordnlp/backpack-gpt2`` stores ``"model_type": "gpt2"`` and an ``auto_map``
-pointing at this file, so this class keeps GPT-2's model type: the published ``config.json`` loads unchanged.
+Everything this package saves says ``"model_type": "backpack-gpt2"``, so that transformers refuses such a folder
+without ``trust_remote_code=True`` (or the installed classes) instead of silently building a random GPT-2 from it.
+The published checkpoint ``stanfordnlp/backpack-gpt2`` predates that and stores ``"model_type": "gpt2"`` with an
+``auto_map`` pointing at this file; it is read as a Backpack all the same.
 """
 
+import os
+from typing import Any
+
 from transformers import GPT2Config
+
+BACKPACK_CLASS_NAMES = ("BackpackGPT2LMHeadModel", "BackpackGPT2Model", "BackpackGPT2Config")
+
+
+def names_backpack_classes(config_dict: dict) -> bool:
+    """Whether a raw config dict names the Backpack classes (`architectures` or `auto_map`)."""
+    auto_map = config_dict.get("auto_map") or {}
+    named = list(config_dict.get("architectures") or []) + [str(target) for target in auto_map.values()]
+    return any(name.rsplit(".", 1)[-1] in BACKPACK_CLASS_NAMES for name in named)
 
 
 class BackpackGPT2Config(GPT2Config):
@@ -33,6 +47,8 @@ class BackpackGPT2Config(GPT2Config):
     Raises:
         ValueError: if `n_embd` is not divisible by `num_senses` or by `n_head`.
     """
+
+    model_type = "backpack-gpt2"
 
     def __init__(
         self,
@@ -59,6 +75,17 @@ class BackpackGPT2Config(GPT2Config):
                 )
         if self.sense_intermediate_scale < 1:
             raise ValueError(f"sense_intermediate_scale must be >= 1, got {self.sense_intermediate_scale}")
+
+
+    @classmethod
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The raw config, with the published checkpoint's ``"model_type": "gpt2"`` read as this class's type."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "gpt2" and names_backpack_classes(config_dict):
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
 
 
 # `save_pretrained` then writes `auto_map["AutoConfig"]` so that a saved folder loads with trust_remote_code=True.
