@@ -6,6 +6,7 @@ The whole file takes a few minutes on 2 CPU cores: every run is a fresh `python 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,3 +194,81 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert result.returncode == 1
     assert "stopping without saving" in result.stderr
     assert os.listdir(tmp_path / "checkpoints") == ["checkpoint_0"]  # saved after step 1, nothing after
+    named = re.search(r"The newest complete checkpoint is (\S+) \(step 1\)", result.stderr)
+    assert named and Path(named.group(1)) == tmp_path / "checkpoints" / "checkpoint_0", result.stderr[-2000:]
+
+
+def test_stop_at_step_zero_saves_the_initial_state_and_no_validation_records_no_metric(tmp_path, data_cache):
+    result = run(["--max_steps", "10", "--stop_at_step", "0", "--eval_batches", "0"], tmp_path, data_cache)
+    output = result.stdout + result.stderr
+    assert "step 0: no validation (--eval_batches 0): no validation metric is recorded" in output
+    assert not (tmp_path / "log_history.jsonl").exists()  # no step trained, no metric logged
+    checkpoint = tmp_path / "checkpoints" / "checkpoint_0"
+    assert json.loads((checkpoint / "training_state.json").read_text())["step"] == 0
+    assert json.loads((checkpoint / "checkpoint.json").read_text())["step"] == 0
+    metrics = json.loads((tmp_path / "model" / "training_args.json").read_text())["metrics"]
+    assert metrics["step"] == 0
+    assert not [key for key in metrics if "val" in key]  # never a perplexity of 1.0 from zero tokens
+    assert "validation perplexity not measured" in output
+
+    # The same folder again without --resume is refused before anything is touched.
+    again = run(["--max_steps", "10", "--stop_at_step", "1"], tmp_path, data_cache, check=False)
+    assert again.returncode == 1
+    assert f"error: {tmp_path} already holds a run (checkpoints, model)" in again.stderr
+
+
+def test_a_used_output_folder_is_refused_before_anything_is_touched(tmp_path, monkeypatch):
+    from train import pretrain
+    from train.run_folder import OutputDirError
+
+    monkeypatch.setattr(pretrain, "prepare_datasets", lambda *_, **__: pytest.fail("data was prepared"))
+    monkeypatch.setattr(pretrain, "build_model", lambda *_: pytest.fail("a model was built"))
+    (tmp_path / "log_history.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n')
+    (tmp_path / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    with pytest.raises(OutputDirError, match="already holds a run .*--resume latest.*--overwrite_output_dir true"):
+        pretrain.main([*TINY, "--output_dir", str(tmp_path)])
+    with pytest.raises(OutputDirError, match="contradict"):
+        pretrain.main([*TINY, "--output_dir", str(tmp_path), "--resume", "latest", "--overwrite_output_dir", "true"])
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before
+    assert (tmp_path / "log_history.jsonl").read_text() == '{"step": 1, "train/loss": 5.0}\n'
+
+
+def test_overwrite_output_dir_removes_only_the_earlier_run(tmp_path):
+    from train.run_folder import clear_output_dir
+
+    for name in ("checkpoints/checkpoint_0", "model", "logs/pretrain"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "log_history.jsonl").write_text("{}\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    said = []
+    clear_output_dir(str(tmp_path), said.append)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+    assert said and "checkpoints, log_history.jsonl, model, logs" in said[0]
+
+
+def test_bad_data_files_are_named_before_any_model_is_built(tmp_path, monkeypatch):
+    from train import pretrain
+
+    monkeypatch.setattr(pretrain, "build_model", lambda *_: pytest.fail("a model was built"))
+    cases = {"empty.txt": (b"", "data file is empty"), "latin1.txt": ("café".encode("latin-1"), "not UTF-8"),
+             "binary.jsonl": (bytes(range(256)) * 4, "binary, not text")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{message}.*{path}"):
+            pretrain.main([*TINY, "--data_files", str(path), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_warmup_longer_than_the_run_is_scaled_down_with_a_note():
+    from train.config import DataArguments, TrainArguments, parse_args, shorten_warmup
+
+    _, args = parse_args((DataArguments, TrainArguments), ["--config", "nano", "--max_steps", "10"])
+    assert args.warmup_steps == 12
+    note = shorten_warmup(args)
+    assert args.warmup_steps == 1 and "warmup_steps 12 >= max_steps 10" in note and "using 1 warm-up" in note
+    _, args = parse_args((DataArguments, TrainArguments), ["--config", "nano"])
+    assert shorten_warmup(args) is None and args.warmup_steps == 12
+    with pytest.raises(ValueError, match="stop_at_step must be >= 0"):
+        parse_args((DataArguments, TrainArguments), ["--stop_at_step", "-1"])

@@ -1,16 +1,63 @@
-"""Checkpoints: Accelerate's ``save_state`` / ``load_state`` plus the loop's own position in the run.
+"""Checkpoints that survive any crash: written out of sight, verified, renamed into place, pruned only afterwards.
 
-``save_state`` already stores the model, optimizer, scheduler, gradient scaler and every process's RNG states;
-``TrainingState`` (registered for checkpointing) adds the step and how many micro-batches were consumed, which
-is all a resumed run needs to continue with the same data order. Checkpoints live in
-``<output_dir>/checkpoints/checkpoint_<i>`` (Accelerate's automatic naming, oldest removed past the limit).
+A checkpoint is the folder ``<output_dir>/checkpoints/checkpoint_<i>`` (``i`` counts saves: 0, 1, 2 ...; the step
+is in its ``training_state.json``). It holds
+
+* Accelerate's ``save_state``: ``model.safetensors``, ``optimizer.bin``, ``scheduler.bin`` (and ``scaler.pt`` with
+  fp16, FSDP's shard folders under FSDP). Accelerate reads the ``.bin``/``.pt`` files with
+  ``torch.load(weights_only=True)``.
+* ``rng_state_<process>.safetensors``: every process's generator states (tensors + JSON, see train/rng.py),
+  instead of Accelerate's pickled ``random_states_<process>.pkl``, which is removed.
+* ``training_state.json``: the run's position, ``{"step", "micro_batches", "tokens", "sequences_per_step"}``.
+* ``model/``: the exported Hugging Face folder of these weights.
+* ``checkpoint.json``, the manifest, written last: ``{"format": 1, "step": ..., "files": {path: {"bytes": ...,
+  "sha256": ...}}}``. A checkpoint is complete when its manifest exists and every file matches it.
+
+A save writes everything into a hidden ``checkpoints/.checkpoint_<i>.tmp-*`` folder, fsyncs it, checks that each
+file reads back (safetensors and torch.save headers, JSON), writes the manifest, and renames the folder into place
+in one step; only then are checkpoints past ``--save_total_limit`` removed (newest complete ones are kept;
+folders that are not complete are never deleted by the trainer). Resuming verifies sizes and SHA-256 first and
+refuses a checkpoint holding any file its manifest does not list, so that nothing added later (a crafted
+``custom_checkpoint_0.pkl``, which Accelerate would unpickle) is ever loaded.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import asdict, dataclass
+import shutil
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from train import faults
+from train.atomic import (
+    file_sha256,
+    fsync_tree,
+    hidden_sibling,
+    reason_for_write_failure,
+    remove_tree,
+    rename_into_place,
+    write_json_atomically,
+)
+from train.rng import load_rng_state, rng_file_name, save_rng_state
+
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_FILE = "checkpoint.json"
+STATE_FILE = "training_state.json"
+EXPORT_DIR = "model"
+FORMAT = 1
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)")
+_HIDDEN_NAME = re.compile(r"\.checkpoint_(\d+)\.(?:tmp|deleting)-.+")  # an interrupted save or removal
+_ACCELERATE_RNG_FILE = re.compile(r"random_states_\d+\.pkl")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is incomplete, corrupt or not this trainer's, or a save failed; the message says which."""
 
 
 @dataclass
@@ -25,34 +72,345 @@ class TrainingState:
     def state_dict(self) -> dict:
         return asdict(self)
 
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    @classmethod
+    def from_dict(cls, values: dict, where: str) -> TrainingState:
+        """Read the JSON of ``training_state.json``, checking that every key is a non-negative integer."""
+        names = [field.name for field in fields(cls)]
+        if not isinstance(values, dict) or any(
+                not isinstance(values.get(name), int) or isinstance(values.get(name), bool) or values[name] < 0
+                for name in names):
+            raise CheckpointError(f"{where} must hold non-negative integers {', '.join(names)}; found {values!r}")
+        return cls(**{name: values[name] for name in names})
+
+
+@dataclass
+class ResumePoint:
+    """A verified checkpoint to continue from, and the run's position stored in it."""
+
+    path: str
+    state: TrainingState
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def checkpoints_root(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINTS_DIR)
+
+
+def checkpoint_index(path: str) -> int | None:
+    """The ``i`` of a ``checkpoint_<i>`` folder (None for any other name)."""
+    match = _CHECKPOINT_NAME.fullmatch(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
-    """Checkpoint folders of a run, oldest first."""
-    root = os.path.join(output_dir, "checkpoints")
+    """The run's ``checkpoint_<i>`` folders, complete or not, oldest (lowest ``i``) first; other names ignored."""
+    root = checkpoints_root(output_dir)
     if not os.path.isdir(root):
         return []
-    found = [(int(m.group(1)), os.path.join(root, name))
-             for name in os.listdir(root) if (m := re.fullmatch(r"checkpoint_(\d+)", name))]
-    return [path for _, path in sorted(found)]
+    found = [(index, os.path.join(root, name)) for name in os.listdir(root)
+             if (index := checkpoint_index(name)) is not None]
+    return [path for _, path in sorted(found) if os.path.isdir(path)]
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """The checkpoint folder that ``--resume`` names: ``latest`` (None if the run has none yet) or a path."""
+def _relative_files(folder: str) -> set[str]:
+    """Every file under ``folder``, as ``/``-separated paths relative to it."""
+    files = set()
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            files.add(os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/"))
+    return files
+
+
+def _few(names: list[str], count: int = 4) -> str:
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of a checkpoint folder, checked for shape only (no file is read)."""
+    manifest_path = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{path} is incomplete: it has no {MANIFEST_FILE}, which a save writes last")
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST_FILE} ({error})") from error
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("step"), int)
+            or not all(isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                       and isinstance(entry.get("sha256"), str) for entry in files.values())):
+        raise CheckpointError(f"{path}: {MANIFEST_FILE} is not a format-{FORMAT} checkpoint manifest")
+    for relative in files:
+        parts = relative.split("/")
+        if relative.startswith("/") or ".." in parts or "" in parts:
+            raise CheckpointError(f"{path}: {MANIFEST_FILE} lists a path outside the checkpoint: {relative!r}")
+    return manifest
+
+
+def read_training_state(path: str) -> TrainingState:
+    """The run's position stored in a checkpoint (``training_state.json``)."""
+    state_path = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({error})") from error
+    return TrainingState.from_dict(values, state_path)
+
+
+def verify_checkpoint(path: str) -> TrainingState:
+    """Check that a checkpoint is complete and intact; returns its training state.
+
+    Complete: the manifest exists and lists the training state and the export. Intact: every listed file has its
+    size and SHA-256, and no other file is there (a file added later is not what the save wrote, and loading it
+    may run code: Accelerate unpickles ``custom_checkpoint_*.pkl``).
+
+    Raises:
+        CheckpointError: naming the checkpoint and the first problem found.
+    """
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    for required in (STATE_FILE, f"{EXPORT_DIR}/config.json"):
+        if required not in files:
+            raise CheckpointError(f"{path}: {MANIFEST_FILE} does not list {required}")
+    unlisted = sorted(_relative_files(path) - set(files) - {MANIFEST_FILE})
+    if unlisted:
+        pickles = [name for name in unlisted if name.endswith(".pkl")]
+        why = (f"refusing it: Accelerate would unpickle {pickles[0]}, which can run any code" if pickles
+               else "refusing it: a checkpoint holds exactly what its save wrote")
+        raise CheckpointError(f"{path} holds files its {MANIFEST_FILE} does not list: {_few(unlisted)}; {why}")
+    for relative, entry in files.items():  # sizes first: cheap, and they catch truncation
+        full = os.path.join(path, relative)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"{path}: {relative} is missing")
+        size = os.path.getsize(full)
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {relative} has {size:,} bytes, {MANIFEST_FILE} says {entry['bytes']:,} "
+                                  "(truncated or replaced)")
+    for relative, entry in files.items():
+        if file_sha256(os.path.join(path, relative)) != entry["sha256"]:
+            raise CheckpointError(f"{path}: {relative} does not match its SHA-256 in {MANIFEST_FILE} (corrupted)")
+    state = read_training_state(path)
+    if state.step != manifest["step"]:
+        raise CheckpointError(f"{path}: {STATE_FILE} says step {state.step}, {MANIFEST_FILE} step {manifest['step']}")
+    return state
+
+
+def newest_complete(output_dir: str) -> tuple[str, int] | None:
+    """The newest checkpoint with a manifest and its step (no file is hashed: for messages, not for resuming)."""
+    for path in reversed(checkpoint_dirs(output_dir)):
+        try:
+            return path, read_manifest(path)["step"]
+        except CheckpointError:
+            continue
+    return None
+
+
+def describe_newest(output_dir: str) -> str:
+    """One sentence naming the newest complete checkpoint on disk, or saying there is none."""
+    newest = newest_complete(output_dir)
+    if newest is None:
+        return f"No complete checkpoint exists yet in {checkpoints_root(output_dir)}."
+    return f"The newest complete checkpoint is {newest[0]} (step {newest[1]})."
+
+
+def find_resume_point(resume: str | None, output_dir: str) -> tuple[ResumePoint | None, list[str]]:
+    """The checkpoint that ``--resume`` names, verified, and why newer ones were skipped.
+
+    ``latest``: the newest complete, intact checkpoint of ``output_dir`` (None when there is none), skipping
+    incomplete or corrupt ones (their reasons are returned). A path: that checkpoint, or an error saying why not.
+    """
     if resume is None:
-        return None
+        return None, []
     if resume == "latest":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
+        skipped = []
+        for path in reversed(checkpoint_dirs(output_dir)):
+            try:
+                return ResumePoint(path, verify_checkpoint(path)), skipped
+            except CheckpointError as error:
+                skipped.append(str(error))
+        return None, skipped
     if not os.path.isdir(resume):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
-    return resume
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+    try:
+        return ResumePoint(resume, verify_checkpoint(resume)), []
+    except CheckpointError as error:
+        raise CheckpointError(f"--resume {resume}: cannot resume from it: {error}") from error
 
 
-def checkpoint_index(path: str) -> int:
-    """The ``i`` of ``checkpoint_<i>`` (so that the next automatic checkpoint gets ``i + 1``)."""
-    match = re.search(r"checkpoint_(\d+)$", os.path.normpath(path))
-    return int(match.group(1)) if match else 0
+def check_readable(path: str) -> None:
+    """Check that a file just written reads back: safetensors and torch.save headers, JSON syntax."""
+    size = os.path.getsize(path)
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 <= header_bytes <= size - 8:
+                raise CheckpointError(f"{path}: not a complete safetensors file ({size:,} bytes)")
+            try:
+                header = json.loads(handle.read(header_bytes))
+                data_bytes = max((entry["data_offsets"][1] for name, entry in header.items()
+                                  if name != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as error:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({error})") from error
+        if 8 + header_bytes + data_bytes != size:
+            raise CheckpointError(f"{path}: {size:,} bytes, its safetensors header describes "
+                                  f"{8 + header_bytes + data_bytes:,}")
+    elif path.endswith((".bin", ".pt", ".pth")):  # torch.save's zip archive: its directory sits at the end
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if any(info.header_offset + info.compress_size > size for info in archive.infolist()):
+                    raise zipfile.BadZipFile("an entry runs past the end of the file")
+        except zipfile.BadZipFile as error:
+            raise CheckpointError(f"{path}: not a complete torch.save archive ({error})") from error
+    elif path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+def next_checkpoint_index(root: str) -> int:
+    """One more than any ``checkpoint_<i>`` (complete or not) or interrupted save in ``root``: never reused."""
+    indices = [-1]
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        match = _CHECKPOINT_NAME.fullmatch(name) or _HIDDEN_NAME.fullmatch(name)
+        if match:
+            indices.append(int(match.group(1)))
+    return max(indices) + 1
+
+
+def remove_leftovers(root: str, say: Callable[[str], None]) -> None:
+    """Delete the hidden folders of saves or removals that a crash interrupted (never a checkpoint)."""
+    for name in sorted(os.listdir(root)):
+        if _HIDDEN_NAME.fullmatch(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            say(f"removed {os.path.join(root, name)}, left by an interrupted save")
+
+
+def write_manifest(folder: str, step: int) -> None:
+    """Flush every file of a finished checkpoint folder, check each reads back, then write the manifest last."""
+    fsync_tree(folder)
+    files = {}
+    for relative in sorted(_relative_files(folder)):
+        full = os.path.join(folder, relative)
+        check_readable(full)
+        files[relative] = {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
+    write_json_atomically(os.path.join(folder, MANIFEST_FILE), {"format": FORMAT, "step": step, "files": files})
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainingState,
+                    write_export: Callable[[str], None], keep: int | None,
+                    say: Callable[[str], None] = print) -> str:
+    """Save a complete checkpoint or nothing; returns its folder. Every process must call this.
+
+    ``write_export(folder)`` writes the HF export into ``folder`` (all processes call it: FSDP gathers weights).
+    Checkpoints past ``keep`` (oldest first) are removed after the new one is in place.
+
+    Raises:
+        CheckpointError: the save failed (the OS's reason, e.g. ``No space left on device: <path>``); the
+            temporary folder is removed and every earlier checkpoint is untouched.
+    """
+    root = checkpoints_root(output_dir)
+    faults.at("before", "save")
+    names: list[str | None] = [None, None]
+    if accelerator.is_main_process:
+        os.makedirs(root, exist_ok=True)
+        remove_leftovers(root, say)
+        final = os.path.join(root, f"checkpoint_{next_checkpoint_index(root)}")
+        temporary = hidden_sibling(final, "tmp")
+        os.mkdir(temporary)
+        names = [temporary, final]
+    temporary, final = broadcast_object_list(names)  # every process writes into the same temporary folder
+    renamed = False
+    try:
+        with faults.watch(temporary):
+            accelerator.save_state(output_dir=temporary)
+            save_rng_state(os.path.join(temporary, rng_file_name(accelerator.process_index)))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                for name in os.listdir(temporary):
+                    if _ACCELERATE_RNG_FILE.fullmatch(name):  # a pickle; rng_state_<i>.safetensors replaces it
+                        os.remove(os.path.join(temporary, name))
+                write_json_atomically(os.path.join(temporary, STATE_FILE), state.state_dict())
+            write_export(os.path.join(temporary, EXPORT_DIR))
+            faults.at("after", "model/")
+            if accelerator.is_main_process:
+                write_manifest(temporary, state.step)
+        if accelerator.is_main_process:
+            faults.at("before", "rename")
+            rename_into_place(temporary, final)
+            renamed = True
+            faults.at("after", "rename")
+    except Exception as error:
+        if renamed:  # the checkpoint is complete; what failed came after it
+            raise
+        reason = reason_for_write_failure(error, temporary)
+        _discard(accelerator, temporary)
+        raise CheckpointError(f"could not save the checkpoint at step {state.step}: {reason}. Its temporary folder "
+                              f"was removed and earlier checkpoints are untouched. {describe_newest(output_dir)}"
+                              ) from error
+    except BaseException:  # a second signal or SystemExit: no half-written folder stays behind
+        if not renamed:
+            _discard(accelerator, temporary)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prune_checkpoints(output_dir, keep, just_saved=final, say=say)
+    faults.at("after", "save")
+    return final
+
+
+def _discard(accelerator: Accelerator, temporary: str) -> None:
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def prune_checkpoints(output_dir: str, keep: int | None, just_saved: str | None = None,
+                      say: Callable[[str], None] = print) -> list[str]:
+    """Remove complete checkpoints past the newest ``keep`` intact ones; returns the removed folders.
+
+    Only checkpoints that verify count towards ``keep``. A folder without a manifest (an incomplete save, or not
+    this trainer's) is never removed: the trainer names it when resuming, and it is the user's to inspect.
+    """
+    if keep is None:
+        return []
+    kept, removed = 0, []
+    for path in reversed(checkpoint_dirs(output_dir)):
+        if kept < keep:
+            try:
+                if path != just_saved:
+                    verify_checkpoint(path)
+                kept += 1
+            except CheckpointError:
+                pass
+            continue
+        try:
+            read_manifest(path)
+        except CheckpointError:
+            continue
+        faults.at("before", "prune")
+        remove_tree(path)
+        removed.append(path)
+        say(f"removed {path} (keeping the newest {keep})")
+    faults.at("after", "prune")
+    return removed
+
+
+def load_checkpoint(accelerator: Accelerator, point: ResumePoint) -> TrainingState:
+    """Load a verified checkpoint into the prepared objects and this process's generators; returns its state."""
+    accelerator.load_state(point.path)  # model, optimizer, scheduler: safetensors and weights_only loads
+    rng_path = os.path.join(point.path, rng_file_name(accelerator.process_index))
+    if os.path.isfile(rng_path):
+        load_rng_state(rng_path)
+    else:
+        accelerator.print(f"warning: {point.path} has no generator state for process {accelerator.process_index} "
+                          "(saved by fewer processes): dropout masks will differ from an uninterrupted run")
+    accelerator.step = point.state.micro_batches  # gradient accumulation counts micro-batches from here
+    return TrainingState(**point.state.state_dict())

@@ -97,16 +97,30 @@ class TrainArguments:
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = field(default=1000, metadata={"help": "Validate every N steps (and at start and end)."})
     eval_batches: int | None = field(
-        default=100, metadata={"help": "Validation batches per evaluation, all processes together (None: all)."}
+        default=100,
+        metadata={"help": "Validation batches per evaluation, all processes together (None: all; 0: no validation, "
+                  "and no validation metric is recorded)."},
     )
     log_interval: int = 10
     save_interval: int = 5000
-    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (oldest removed)."})
+    save_total_limit: int | None = field(
+        default=3,
+        metadata={"help": "Complete checkpoints kept; older ones are removed once a new one is complete (None: all)."},
+    )
     output_dir: str = "outputs/backpack"
-    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output folder that holds a run: remove its checkpoints/, model/, logs/ "
+                  "and log_history.jsonl first. Without it (or --resume) such a folder is refused."},
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "'latest' (the newest complete checkpoint of --output_dir) or a checkpoint folder."},
+    )
     stop_at_step: int | None = field(
         default=None,
-        metadata={"help": "Save and stop after this step without changing the schedule (jobs split in chunks)."},
+        metadata={"help": "Save and stop after this step without changing the schedule (jobs split in chunks); "
+                  "0 saves the initial state and stops."},
     )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none."})
     run_name: str = "pretrain"
@@ -173,10 +187,35 @@ def validate_train_args(args: TrainArguments) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup_steps < 0 or args.learning_rate <= 0:
         raise ValueError("warmup_steps must be >= 0 and learning_rate > 0")
+    for name in ("stop_at_step", "eval_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise ValueError(f"save_total_limit must be >= 1 (or None: keep all), got {args.save_total_limit}")
     if args.model == "backpack" and args.n_embd % args.num_senses:
         raise ValueError(f"n_embd ({args.n_embd}) must be divisible by num_senses ({args.num_senses})")
     if args.n_embd % args.n_head:
         raise ValueError(f"n_embd ({args.n_embd}) must be divisible by n_head ({args.n_head})")
+
+
+def final_step(args: TrainArguments) -> int:
+    """The step this invocation stops at: ``max_steps``, or ``stop_at_step`` when that comes first (0 included)."""
+    return args.max_steps if args.stop_at_step is None else min(args.max_steps, args.stop_at_step)
+
+
+def shorten_warmup(args: TrainArguments) -> str | None:
+    """Scale the warm-up down when it would not end before ``max_steps``; returns a note saying so, or None.
+
+    With ``warmup_steps >= max_steps`` the learning rate never reaches its peak and never decays: a short run
+    (``--max_steps 10`` with the nano config's 12 warm-up steps) would train at a fraction of the rate it asked
+    for. The warm-up becomes 10% of ``max_steps`` (at least 1 step), as in the paper's recipe (5,000 of 100,000
+    steps is 5%; 10% gives short runs a gentler start; below 10 steps there is no warm-up).
+    """
+    if args.warmup_steps < args.max_steps:
+        return None
+    requested, args.warmup_steps = args.warmup_steps, args.max_steps // 10
+    return (f"warmup_steps {requested} >= max_steps {args.max_steps}: the learning rate would never reach its peak; "
+            f"using {args.warmup_steps} warm-up step(s) instead (10% of max_steps)")
 
 
 def gradient_accumulation_steps(args: TrainArguments, num_processes: int) -> int:

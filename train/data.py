@@ -12,6 +12,7 @@ saved to disk under a key of everything that produced them, so a second run load
 from __future__ import annotations
 
 import bz2
+import codecs
 import glob
 import hashlib
 import json
@@ -101,12 +102,59 @@ def resolve_data_files(patterns: list[str]) -> list[str]:
     return files
 
 
+def check_data_file(path: str, max_bytes: int | None = None) -> None:
+    """Refuse a data file that holds no text: empty, binary, not UTF-8, or (.parquet) not Parquet.
+
+    ``datasets`` would otherwise fail deep inside its builders (``SchemaInferenceError``, ``UnicodeDecodeError``)
+    without naming the file. Text formats are read in full (``max_bytes``: only their beginning).
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"data file is empty: {path}")
+    if FILE_BUILDERS[os.path.splitext(path)[1].lower()] == "parquet":
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(max(size - 4, 0))
+            tail = handle.read(4)
+        if size < 12 or head != b"PAR1" or tail != b"PAR1":
+            raise ValueError(f"data file is not a Parquet file (no PAR1 marks at its start and end): {path}")
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False
+    with open(path, "rb") as handle:
+        while chunk := handle.read(min(1 << 20, max_bytes - offset) if max_bytes is not None else 1 << 20):
+            if (zero := chunk.find(b"\x00")) >= 0:
+                raise ValueError(f"data file is binary, not text (a NUL byte at offset {offset + zero:,}; UTF-16 "
+                                 f"text has them too: convert it to UTF-8): {path}")
+            try:
+                has_text = bool(decoder.decode(chunk).strip()) or has_text
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"data file is not UTF-8 text (byte {chunk[error.start:error.start + 1]!r} at offset "
+                    f"{offset + error.start:,}; e.g. `iconv -f latin1 -t utf-8` converts Latin-1): {path}"
+                ) from None
+            offset += len(chunk)
+            if max_bytes is not None and offset >= max_bytes:
+                return
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"data file is not UTF-8 text (it ends inside a character): {path}") from None
+    if not has_text:
+        raise ValueError(f"data file holds only whitespace, no text: {path}")
+
+
 def check_data_source(args: DataArguments) -> None:
-    """Fail early, before any model is built, when the requested data cannot exist."""
+    """Fail early, before any model is built, when the requested data cannot exist.
+
+    Local files are checked for content too, from their first MiB (:func:`load_documents` reads all of them
+    before tokenising).
+    """
     if args.dataset and args.data_files:
         raise ValueError("pass either --dataset or --data_files, not both")
     if args.data_files:
-        resolve_data_files(args.data_files)
+        for path in resolve_data_files(args.data_files):
+            check_data_file(path, max_bytes=1 << 20)
     elif args.dataset is None:
         for name in (GENSIM_WIKI_FILE, GENSIM_LEE_FILE):
             gensim_test_data(name)
@@ -119,9 +167,16 @@ def load_documents(args: DataArguments) -> datasets.DatasetDict | datasets.Itera
     check_data_source(args)
     if args.data_files:
         files = resolve_data_files(args.data_files)
+        for path in files:
+            check_data_file(path)
         builder = FILE_BUILDERS[os.path.splitext(files[0])[1].lower()]
         extra = {"sample_by": args.text_sample_by} if builder == "text" else {}
-        raw = datasets.load_dataset(builder, data_files={"train": files}, streaming=args.streaming, **extra)
+        try:
+            raw = datasets.load_dataset(builder, data_files={"train": files}, streaming=args.streaming, **extra)
+        except datasets.exceptions.DatasetGenerationError as error:
+            cause = error.__cause__ or error
+            raise ValueError(f"could not read {' '.join(files) if len(files) < 4 else f'{len(files)} data files'} "
+                             f"as {builder}: {type(cause).__name__}: {cause}") from error
     elif args.dataset:
         raw = _load_hub_dataset(args)
     else:

@@ -4,14 +4,22 @@ The folder holds safetensors weights, ``config.json`` (with ``auto_map`` for a B
 code files (copied by ``save_pretrained`` because the classes are registered for the Auto classes), the tokenizer,
 ``generation_config.json`` and ``training_args.json`` (the run's arguments and metrics). It loads with
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` and ``pipeline("text-generation")``.
+
+The run's final export ``<output_dir>/model`` is written beside its place and renamed into it, so that the
+folder under that name is always a whole export (an older one, or the new one).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 
 from accelerate import Accelerator
+
+from train import faults
+from train.atomic import fsync_dir, fsync_tree, hidden_sibling, write_json_atomically
+
+FINAL_EXPORT_DIR = "model"
 
 
 def export_model(accelerator: Accelerator, model, tokenizer, folder: str, training_args: dict,
@@ -23,6 +31,74 @@ def export_model(accelerator: Accelerator, model, tokenizer, folder: str, traini
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        with open(os.path.join(folder, "training_args.json"), "w") as handle:
-            json.dump({"training_args": training_args, "metrics": metrics}, handle, indent=2, default=str)
+        write_json_atomically(os.path.join(folder, "training_args.json"),
+                              _jsonable({"training_args": training_args, "metrics": metrics}))
     accelerator.wait_for_everyone()
+
+
+def _jsonable(value):
+    """Arguments and metrics as JSON values (anything else as its string)."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _replace_folder(temporary: str, final: str) -> None:
+    """Put a finished folder at ``final``, replacing an older one; ``final`` is never a partial folder."""
+    fsync_tree(temporary)
+    parent = os.path.dirname(os.path.abspath(final))
+    old = None
+    if os.path.lexists(final):
+        old = hidden_sibling(final, "old")
+        os.rename(final, old)
+    os.rename(temporary, final)
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(final: str) -> None:
+    """Hidden folders of an earlier export that a crash interrupted."""
+    parent, name = os.path.split(os.path.abspath(final))
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        if entry.startswith(f".{name}.") and entry.split(".")[-1].split("-")[0] in ("tmp", "old"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def export_final_model(accelerator: Accelerator, model, tokenizer, output_dir: str, training_args: dict,
+                       metrics: dict) -> str:
+    """Write ``<output_dir>/model`` atomically (every process must call this); returns its path."""
+    final = os.path.join(output_dir, FINAL_EXPORT_DIR)
+    temporary = ""
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        _remove_leftovers(final)
+        temporary = hidden_sibling(final, "tmp")
+    faults.at("before", "export")
+    try:
+        with faults.watch(temporary or final, prefix="export/"):
+            export_model(accelerator, model, tokenizer, temporary, training_args, metrics)
+        if accelerator.is_main_process:
+            _replace_folder(temporary, final)
+    except BaseException:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    faults.at("after", "export")
+    return final
+
+
+def restore_final_model(checkpoint: str, output_dir: str) -> str:
+    """Copy a checkpoint's export to ``<output_dir>/model`` (atomically), e.g. after a stop during the final export."""
+    final = os.path.join(output_dir, FINAL_EXPORT_DIR)
+    _remove_leftovers(final)
+    temporary = hidden_sibling(final, "tmp")
+    try:
+        shutil.copytree(os.path.join(checkpoint, FINAL_EXPORT_DIR), temporary)
+        _replace_folder(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return final

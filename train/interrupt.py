@@ -1,7 +1,10 @@
-"""SIGTERM / SIGINT: ask the loop to save a checkpoint and stop at the end of the current step.
+"""SIGTERM / SIGINT: the first asks the loop to save a checkpoint and stop; a second one stops at once.
 
 The handler only raises Accelerate's trigger; the loop polls ``accelerator.check_trigger()`` once per step,
-which all processes agree on, so every process stops at the same step. A second signal stops at once.
+which all processes agree on, so every process stops at the same step. A second signal raises
+:class:`SecondSignal` wherever the process is. A save it interrupts removes its temporary folder (checkpoints
+are renamed into place only when complete), so what is left is the complete new checkpoint or none, and the
+previous one is untouched; the trainer then says which checkpoint is the newest.
 """
 
 from __future__ import annotations
@@ -9,6 +12,15 @@ from __future__ import annotations
 import signal
 
 from accelerate import Accelerator
+
+
+class SecondSignal(KeyboardInterrupt):
+    """A second SIGTERM / SIGINT arrived after the first one had asked the run to stop."""
+
+    def __init__(self, signal_name: str, signal_number: int):
+        super().__init__(f"second {signal_name}")
+        self.signal_name = signal_name
+        self.signal_number = signal_number
 
 
 class StopOnSignal:
@@ -22,9 +34,10 @@ class StopOnSignal:
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.received is not None:  # second signal: give up on saving
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+            raise SecondSignal(name, signum)
+        self.received = name
         self.accelerator.set_trigger()
 
     def __enter__(self) -> StopOnSignal:

@@ -36,7 +36,8 @@ def evaluate(model: torch.nn.Module, loader, accelerator, max_batches: int | Non
     ``max_batches`` counts batches of all processes together.
 
     Per-sequence sums are gathered with ``gather_for_metrics``, which drops the samples Accelerate repeats to
-    even out the last batch across processes, so the result is exact under any number of processes.
+    even out the last batch across processes, so the result is exact under any number of processes. With no
+    token scored (``max_batches=0``, an empty split) loss and perplexity are NaN, never a perplexity of 1.
     """
     was_training = model.training
     model.eval()
@@ -57,5 +58,7 @@ def evaluate(model: torch.nn.Module, loader, accelerator, max_batches: int | Non
         progress.update(1)
     progress.close()
     model.train(was_training)
-    loss = total_loss / max(total_tokens, 1)
+    if total_tokens == 0:
+        return {"loss": math.nan, "perplexity": math.nan, "tokens": 0}
+    loss = total_loss / total_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens}

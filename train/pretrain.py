@@ -6,10 +6,13 @@
     python train/pretrain.py --config nano --model gpt2           # the Transformer baseline, same loop and data
 
 Any key of train/config.py can follow as ``--key value``; ``--resume latest`` continues a run exactly.
+Exit status: 0 done (or stopped by a first SIGTERM / Ctrl-C after saving), 1 a clear error (non-finite loss, a
+failed save, a bad checkpoint, a used output folder), 128 + N a second signal N.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -26,22 +29,77 @@ from accelerate import PartialState  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 from backpack.tokenizer import gpt2_tokenizer  # noqa: E402
-from train.config import DataArguments, TrainArguments, as_dict, gradient_accumulation_steps, parse_args  # noqa: E402
+from train.checkpointing import CheckpointError, ResumePoint, describe_newest, find_resume_point  # noqa: E402
+from train.config import (  # noqa: E402
+    DataArguments,
+    TrainArguments,
+    as_dict,
+    final_step,
+    gradient_accumulation_steps,
+    parse_args,
+    shorten_warmup,
+)
 from train.data import check_data_source, prepare_datasets  # noqa: E402
-from train.export import export_model  # noqa: E402
+from train.export import FINAL_EXPORT_DIR, export_final_model, restore_final_model  # noqa: E402
+from train.interrupt import SecondSignal, StopOnSignal  # noqa: E402
 from train.loop import NonFiniteLossError, build_accelerator, train, use_cpu  # noqa: E402
 from train.model import build_model  # noqa: E402
+from train.run_folder import OutputDirError, check_output_dir, clear_output_dir  # noqa: E402
+
+
+def exported_step(folder: str) -> int | None:
+    """The step recorded in an export's ``training_args.json`` (None: no readable record)."""
+    try:
+        with open(os.path.join(folder, "training_args.json"), encoding="utf-8") as handle:
+            step = json.load(handle)["metrics"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def finish_without_training(resume: ResumePoint, args: TrainArguments, is_main_process: bool) -> dict:
+    """A run whose checkpoint is already at its last step: say so, and write nothing.
+
+    The one exception is a final export that a second signal interrupted (missing, or an earlier step's): the
+    checkpoint's own export is copied there.
+    """
+    last = final_step(args)
+    limit = f"--stop_at_step {args.stop_at_step}" if last != args.max_steps else f"max_steps {args.max_steps}"
+    say = print if is_main_process else (lambda *_: None)
+    say(f"Nothing to do: {resume.path} is at step {resume.state.step} and this run ends at step {last} ({limit}). "
+        "Raise --max_steps or --stop_at_step to train further.")
+    final = os.path.join(args.output_dir, FINAL_EXPORT_DIR)
+    if exported_step(final) != resume.state.step:
+        found = "missing" if not os.path.isdir(final) else f"from step {exported_step(final)}"
+        if is_main_process:
+            restore_final_model(resume.path, args.output_dir)
+        say(f"The final export {final} was {found} (stopped while writing it?): copied {resume.path}/model there.")
+    return {"step": resume.state.step, "finished": True}
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse arguments, prepare data, build the model, train, export; returns the final metrics."""
     started = time.perf_counter()
     data_args, args = parse_args((DataArguments, TrainArguments), argv, description=__doc__)
-    check_data_source(data_args)  # a missing dataset or file fails here, before anything is built
-    accumulation = gradient_accumulation_steps(args, PartialState(cpu=use_cpu(args)).num_processes)
+    distributed = PartialState(cpu=use_cpu(args))
+    say = print if distributed.is_main_process else (lambda *_: None)
+    if (note := shorten_warmup(args)) is not None:
+        say(f"note: {note}")
+    check_data_source(data_args)  # a missing, empty or binary data file fails here, before anything is built
+    check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
+    resume, skipped = find_resume_point(args.resume, args.output_dir)
+    for reason in skipped:
+        say(f"warning: skipping {reason}")
+    distributed.wait_for_everyone()  # every process has looked at the folder before any writes to it
+    if resume is not None and resume.state.step >= final_step(args):
+        return finish_without_training(resume, args, distributed.is_main_process)
+    if args.overwrite_output_dir and distributed.is_main_process:
+        clear_output_dir(args.output_dir, say)
+    distributed.wait_for_everyone()
+
+    accumulation = gradient_accumulation_steps(args, distributed.num_processes)
     accelerator = build_accelerator(args, accumulation)
     run_config = as_dict(data_args, args)
-
     tokenizer = gpt2_tokenizer(model_max_length=args.n_positions)
     with accelerator.main_process_first():  # one process builds the data cache, the others load it
         packed = prepare_datasets(data_args, tokenizer, block_size=args.n_positions + 1)
@@ -51,11 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     set_seed(args.seed)  # same initial weights on every process and in every run with this seed
     model = build_model(args)
-    model, metrics = train(args, accelerator, model, packed, tokenizer, run_config)
-    metrics["wall_seconds"] = time.perf_counter() - started
-
-    final_folder = os.path.join(args.output_dir, "model")
-    export_model(accelerator, model, tokenizer, final_folder, run_config, metrics)
+    with StopOnSignal(accelerator) as stop_signal:  # also covers the final export: a second signal is reported
+        model, metrics = train(args, accelerator, model, packed, tokenizer, run_config, stop_signal, resume)
+        metrics["wall_seconds"] = time.perf_counter() - started
+        final_folder = export_final_model(accelerator, model, tokenizer, args.output_dir, run_config, metrics)
     accelerator.end_training()
     perplexities = [metrics[key] for key in ("start_val_perplexity", "val_perplexity") if key in metrics]
     accelerator.print(
@@ -66,9 +123,30 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def _output_dir(argv: list[str] | None) -> str | None:
+    """--output_dir as parsed, for messages after a failure (None when the arguments do not parse)."""
     try:
-        main()
-    except NonFiniteLossError as error:
+        return parse_args((DataArguments, TrainArguments), argv)[1].output_dir
+    except (SystemExit, Exception):
+        return None
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run :func:`main`, turning the failures a user can act on into one message; returns the exit status."""
+    try:
+        main(argv)
+    except SecondSignal as stop:
+        output_dir = _output_dir(argv)
+        where = f" {describe_newest(output_dir)}" if output_dir else ""
+        print(f"error: {stop.signal_name} again while stopping: stopped at once (a save or export under way is "
+              f"abandoned; nothing half-written is left under a final name).{where} --resume latest continues from "
+              "there (and writes the final export if that checkpoint is the last step).", file=sys.stderr)
+        return 128 + stop.signal_number
+    except (NonFiniteLossError, CheckpointError, OutputDirError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
