@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     # The two model files are top-level modules: exactly the files that travel to the Hub as remote code.
     py_modules=["configuration_backpack_gpt2", "modeling_backpack_gpt2", "hub_upload"],
-    packages=["backpack"],
+    packages=["backpack", "backpack_hub"],
     install_requires=[
         "torch>=2.13",
         "transformers>=5.4",  # with 5.0 and 5.3, GPT-2's sdpa path misses the golden outputs

@@ -26,6 +26,7 @@ from huggingface_hub.utils import _http as hub_http_module
 
 import hub_upload
 from backpack.tokenizer import gpt2_tokenizer
+from backpack_hub import code_update, hub, publish
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 REPO_ID = "someone/backpack-tiny"
@@ -93,7 +94,7 @@ def test_dry_run_stages_exactly_the_repo_files_and_lists_them_with_sizes(dry_run
     assert files == MODEL_FILES | {"model.safetensors"}  # the run's training_args.json stays local
     listing = output[output.index("[4/4]"):]
     for name in files:
-        size = hub_upload._human_size((staging / name).stat().st_size)
+        size = hub_upload.human_size((staging / name).stat().st_size)
         assert any(line.split() == [name, *size.split()] for line in listing.splitlines()), (name, size, listing)
     assert f"{len(files)} files" in listing
 
@@ -475,7 +476,7 @@ def test_push_is_one_commit_of_the_staged_files_to_the_right_repo_branch_and_pri
 
 def test_push_to_main_public_by_default_and_returns_the_commit_url(export, monkeypatch):
     hub = FakeHub().install(monkeypatch)
-    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    monkeypatch.setattr(publish, "validate_staging", _passing_validation)
     lines: list[str] = []
     url = hub_upload.push_checkpoint(export, f"https://huggingface.co/{REPO_ID}", token="hf_test", log=lines.append)
     assert url == f"https://huggingface.co/{REPO_ID}/commit/abc123"
@@ -497,7 +498,7 @@ def test_failed_validation_pushes_nothing(export, monkeypatch, capsys):
         reference["logits"] = reference["logits"] + 1e-3
         return reference
 
-    monkeypatch.setattr(hub_upload, "reference_batch", wrong_reference)
+    monkeypatch.setattr(publish, "reference_batch", wrong_reference)
     code = hub_upload.main([str(export), "--repo-id", REPO_ID, "--token", "hf_test"])
     assert code == 4
     err = capsys.readouterr().err
@@ -507,7 +508,7 @@ def test_failed_validation_pushes_nothing(export, monkeypatch, capsys):
 
 def test_existing_public_repo_is_not_pushed_to_when_private_was_asked(export, monkeypatch, capsys):
     hub = FakeHub(existing_public=True).install(monkeypatch)
-    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    monkeypatch.setattr(publish, "validate_staging", _passing_validation)
     assert hub_upload.main([str(export), "--repo-id", REPO_ID, "--private", "--token", "hf_test"]) == 7
     assert "already exists and is public" in capsys.readouterr().err
     assert "create_commit" not in hub.names()
@@ -520,8 +521,8 @@ def test_dataset_or_space_repo_ids_are_refused(export, capsys):
 
 
 def test_missing_token_is_a_clear_error_before_any_work(export, monkeypatch, capsys):
-    monkeypatch.setattr(hub_upload, "get_token", lambda: None)
-    monkeypatch.setattr(hub_upload, "load_checkpoint", _must_not_run)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
+    monkeypatch.setattr(publish, "load_checkpoint", _must_not_run)
     assert hub_upload.main([str(export), "--repo-id", REPO_ID]) == 5
     err = capsys.readouterr().err
     assert "no Hugging Face token" in err and "hf auth login" in err and "HF_TOKEN" in err
@@ -531,7 +532,7 @@ def test_read_only_token_is_refused(export, monkeypatch, capsys):
     FakeHub().install(monkeypatch)
     monkeypatch.setattr(HfApi, "whoami", lambda api, token=None, **kw: {
         "type": "user", "name": "someone", "orgs": [], "auth": {"accessToken": {"displayName": "ro", "role": "read"}}})
-    monkeypatch.setattr(hub_upload, "load_checkpoint", _must_not_run)
+    monkeypatch.setattr(publish, "load_checkpoint", _must_not_run)
     assert hub_upload.main([str(export), "--repo-id", REPO_ID, "--token", "hf_ro"]) == 6
     assert "read-only" in capsys.readouterr().err
 
@@ -561,7 +562,7 @@ def hub_http(monkeypatch):
         return state["handler"](request, httpx)
 
     monkeypatch.setattr(hub_http_module, "_GLOBAL_CLIENT", None)
-    monkeypatch.setattr(hub_upload, "_API", None)  # no whoami answer cached by another test
+    monkeypatch.setattr(hub, "_API", None)  # no whoami answer cached by another test
     previous = hub_http_module._GLOBAL_CLIENT_FACTORY
     hub_http_module.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(transport)))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -573,7 +574,7 @@ def test_http_401_on_the_token_check_gives_the_clear_message(export, hub_http, m
     state, requests, httpx = hub_http
     state["handler"] = lambda request, httpx: httpx.Response(
         401, json={"error": "Invalid credentials in Authorization header"}, request=request)
-    monkeypatch.setattr(hub_upload, "load_checkpoint", _must_not_run)
+    monkeypatch.setattr(publish, "load_checkpoint", _must_not_run)
     assert hub_upload.main([str(export), "--repo-id", REPO_ID, "--token", "hf_expired"]) == 5
     err = capsys.readouterr().err
     assert "rejected the token (401" in err and "https://huggingface.co/settings/tokens" in err
@@ -592,7 +593,7 @@ def test_http_403_on_repo_creation_gives_the_clear_message_and_pushes_nothing(ex
                                             "the namespace lab"}, json={"error": "forbidden"}, request=request)
 
     state["handler"] = handler
-    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    monkeypatch.setattr(publish, "validate_staging", _passing_validation)
     assert hub_upload.main([str(export), "--repo-id", "lab/backpack", "--token", "hf_fine"]) == 6
     err = capsys.readouterr().err
     assert "may not write to lab/backpack (403 Forbidden)" in err and "rights to create a model" in err
@@ -611,7 +612,7 @@ def test_network_failure_gives_the_clear_message(export, hub_http, monkeypatch, 
         raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
 
     state["handler"] = handler
-    monkeypatch.setattr(hub_upload, "load_checkpoint", _must_not_run)
+    monkeypatch.setattr(publish, "load_checkpoint", _must_not_run)
     assert hub_upload.main([str(export), "--repo-id", REPO_ID, "--token", "hf_test"]) == 8
     err = capsys.readouterr().err
     assert "could not reach the Hub" in err and "Nothing was pushed" in err
@@ -662,7 +663,7 @@ def test_update_code_dry_run_offline_swaps_the_code_and_validates_it_with_remote
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read from the hand-built cache, as a user offline
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(published["cache"]))
-    monkeypatch.setattr(hub_upload, "_API", None)
+    monkeypatch.setattr(hub, "_API", None)
     staging = tmp_path / "staging"
     code = hub_upload.main(["--update-code", PUBLISHED_ID, "--dry-run", "--staging-dir", str(staging)])
     output = capsys.readouterr()
@@ -691,7 +692,7 @@ def test_update_code_opens_one_pull_request_with_only_the_changed_files(publishe
         files.update({name: stand_in_code(published["marker"], name) for name in CODE_FILES})
         snapshot = add_to_hub_cache(published["cache"], "someone/backpack-old-config", files)
     hub = FakeHub(snapshot=snapshot).install(monkeypatch)
-    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    monkeypatch.setattr(code_update, "validate_staging", _passing_validation)
     repo_id = PUBLISHED_ID if auto_map == "current" else "someone/backpack-old-config"
     code = hub_upload.main(["--update-code", repo_id, "--token", "hf_test"])
     output = capsys.readouterr()
@@ -728,7 +729,7 @@ def test_update_code_with_failed_validation_opens_no_pull_request(published, mon
         reference["logits"] = reference["logits"] + 1e-3
         return reference
 
-    monkeypatch.setattr(hub_upload, "reference_batch", wrong_reference)
+    monkeypatch.setattr(code_update, "reference_batch", wrong_reference)
     assert hub_upload.main(["--update-code", PUBLISHED_ID, "--token", "hf_test"]) == 4
     err = capsys.readouterr().err
     assert "validation failed, no pull request was opened" in err and "logits differ" in err
@@ -742,7 +743,7 @@ def test_update_code_refuses_a_repo_that_is_not_a_backpack(published, monkeypatc
     snapshot = add_to_hub_cache(published["cache"], "someone/gpt2-small",
                                 {p.name: p for p in tmp_path.iterdir() if p.is_file()})
     hub = FakeHub(snapshot=snapshot).install(monkeypatch)
-    monkeypatch.setattr(hub_upload, "validate_staging", _must_not_run)
+    monkeypatch.setattr(code_update, "validate_staging", _must_not_run)
     assert hub_upload.main(["--update-code", "someone/gpt2-small", "--token", "hf_test"]) == 3
     assert "is not a Backpack GPT-2 configuration" in capsys.readouterr().err
     assert "create_commit" not in hub.names()
@@ -753,7 +754,7 @@ def test_update_code_on_a_repo_that_already_has_the_code_proposes_nothing(publis
     files.update(_installed_code())
     snapshot = add_to_hub_cache(published["cache"], "someone/backpack-current", files)
     hub = FakeHub(snapshot=snapshot).install(monkeypatch)
-    monkeypatch.setattr(hub_upload, "validate_staging", _must_not_run)
+    monkeypatch.setattr(code_update, "validate_staging", _must_not_run)
     assert hub_upload.main(["--update-code", "someone/backpack-current", "--token", "hf_test"]) == 0
     assert "already has this package's model code and auto_map: nothing to propose" in capsys.readouterr().out
     assert hub.names() == ["whoami", "snapshot_download"]
@@ -798,7 +799,7 @@ def test_update_code_http_sends_one_pull_request_commit_of_the_code_files(publis
     state, requests, _ = hub_http
     state["handler"] = _pull_request_handler()
     monkeypatch.setattr(HfApi, "snapshot_download", lambda api, repo_id, **kwargs: str(published["snapshot"]))
-    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    monkeypatch.setattr(code_update, "validate_staging", _passing_validation)
     code = hub_upload.main(["--update-code", PUBLISHED_ID, "--token", "hf_test"])
     output = capsys.readouterr()
     assert code == 0, output.err
@@ -820,7 +821,7 @@ def test_update_code_http_403_on_the_pull_request_is_a_clear_error(published, hu
     state, requests, _ = hub_http
     state["handler"] = _pull_request_handler(status=403)
     monkeypatch.setattr(HfApi, "snapshot_download", lambda api, repo_id, **kwargs: str(published["snapshot"]))
-    monkeypatch.setattr(hub_upload, "validate_staging", _passing_validation)
+    monkeypatch.setattr(code_update, "validate_staging", _passing_validation)
     assert hub_upload.main(["--update-code", PUBLISHED_ID, "--token", "hf_test"]) == 6
     err = capsys.readouterr().err
     assert "opening the pull request" in err and "403 Forbidden" in err and "pull requests are disabled" in err
