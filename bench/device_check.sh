@@ -65,6 +65,7 @@ KILL_GRACE=10   # timeout -k: a step may run this long past its box
 
 if [ "$SMOKE" = 1 ]; then
   BUDGET=${BUDGET:-600}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # a busy CPU: no thread oversubscription in the tiny steps
   # Tiny sizes on the CPU; torch.compile checks the graph capture with the eager backend (inductor's C++ build
   # takes minutes on a CPU): TORCH_COMPILE_OVERRIDE_BACKENDS reaches the trainer, --compile-backend the bench.
   BENCH=(--device cpu --config tiny --data random --threads 1 --compile-backend eager
@@ -75,7 +76,7 @@ if [ "$SMOKE" = 1 ]; then
   GENERATE_SIZES=()
   MEMORY_SECTIONS=memory
   COMPILE_ENV=(TORCH_COMPILE_OVERRIDE_BACKENDS=">=0:eager")
-  TRAIN_CONFIG=nano; N_EMBD=64; N_LAYER=2; N_HEAD=2; NUM_SENSES=4; SEQ=32; BATCH=2; TOKENS_PER_STEP=64
+  TRAIN_CONFIG=nano; N_EMBD=64; N_LAYER=1; N_HEAD=2; NUM_SENSES=4; SEQ=32; BATCH=2; TOKENS_PER_STEP=64
   TRAIN_STEPS=6; LOG_INTERVAL=2; MIXED=no
   TRAIN_EXTRA=(--cpu true --num_proc 1 --n_embd "$N_EMBD" --n_layer "$N_LAYER" --n_head "$N_HEAD"
                --num_senses "$NUM_SENSES" --n_positions "$SEQ" --batch_size "$BATCH")
