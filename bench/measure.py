@@ -219,16 +219,18 @@ def timed_generation(
     generate, model: PreTrainedModel, prompt: torch.LongTensor, new_tokens: int, device: torch.device, reps: int,
     reference: torch.LongTensor | None, compile_backend: str | None = None,
 ) -> dict:
-    """Time one generation variant on its own: a first call (builds the cache; compiles and records CUDA graphs
-    when `compile_backend` is given), then `reps` timed calls.
+    """Time one generation variant on its own: an untimed first call, then `reps` timed calls.
 
-    A variant the model does not support yet (a static cache, a graph break under `fullgraph=True`) records the
-    error string instead of a number, and the benchmark moves on.
+    Compiled, the first call generates the full length (it compiles and records the CUDA graphs for the cache
+    size the timed calls use: `first_call_s`); eager, 4 tokens warm the kernels up. A variant the model does not
+    support yet (a static cache, a graph break under `fullgraph=True`) records the error string instead of a
+    number, and the benchmark moves on.
     """
     call = generate_fn(generate, model, prompt, new_tokens)
+    warmup = call if compile_backend else generate_fn(generate, model, prompt, 4)
     try:
         with compiled_forward(model, compile_backend) if compile_backend else nullcontext():
-            first_call = time_call(call, device)
+            first_call = time_call(warmup, device)
             graphs_before = dynamo_graph_count()
             times = [time_call(call, device) for _ in range(reps)]
             graphs_during = dynamo_graph_count() - graphs_before
@@ -251,27 +253,29 @@ def bench_generate(
 ) -> dict:
     """Greedy generation of `new_tokens` per batch size, for each variant in `modes` (see GENERATE_MODES).
 
-    The two default-cache `generate()` calls are interleaved repetition by repetition; the static-cache variants
-    and the no-cache loop run after them in the same process. `on_partial` receives the results after every
-    variant, so that a run cut short keeps what it measured.
+    Variants run in the order issue 10's targets need them (default cache, the no-cache loop, static + compile,
+    static, GPT-2 static + compile), each over every batch size, so that a run cut short by a time box loses the
+    least needed ones. The two default-cache `generate()` calls are interleaved repetition by repetition; the others
+    run after them in the same process. `on_partial` receives the results after every variant and batch size.
     """
     unknown = set(modes) - set(GENERATE_MODES)
     if unknown:
         raise ValueError(f"unknown generation modes {sorted(unknown)}; choose from {GENERATE_MODES}")
-    results: dict[str, dict] = {}
+    prompts = {batch: data.batch(batch, sizes.prompt_len, offset=104729).to(device) for batch in sizes.generate_batches}
+    results: dict[str, dict] = {
+        f"batch{batch}": {"batch": batch, "prompt_len": sizes.prompt_len, "new_tokens": sizes.new_tokens}
+        for batch in sizes.generate_batches
+    }
+    # The default cache's greedy tokens per (model, batch): what the other variants must reproduce.
+    references: dict[tuple[str, int], torch.LongTensor] = {}
 
     def publish() -> None:
         tick()
         if on_partial is not None:
             on_partial(results)
 
-    for batch in sizes.generate_batches:
-        prompt = data.batch(batch, sizes.prompt_len, offset=104729).to(device)
-        tokens = batch * sizes.new_tokens
-        entry: dict = {"batch": batch, "prompt_len": sizes.prompt_len, "new_tokens": sizes.new_tokens}
-        results[f"batch{batch}"] = entry
-        references: dict[str, torch.LongTensor | None] = {"backpack": None, "gpt2": None}
-        if "default" in modes:
+    if "default" in modes:
+        for batch, prompt in prompts.items():
             for model in (backpack, gpt2):  # warm-up: kernels, allocator, generation config
                 cached_generate(model, prompt, 4)
             candidates = {
@@ -280,28 +284,36 @@ def bench_generate(
             }
             times = interleaved_times(candidates, device, 0, sizes.generate_reps)
             for name, seconds in times.items():
-                entry[name] = {**summarize(seconds), "tokens_per_s": tokens / summarize(seconds)["median_s"]}
-            references = {"backpack": candidates["backpack_cached"].last_output,
-                          "gpt2": candidates["gpt2_cached"].last_output}
+                summary = summarize(seconds)
+                results[f"batch{batch}"][name] = {**summary, "tokens_per_s": batch * sizes.new_tokens
+                                                  / summary["median_s"]}
+            references[("backpack", batch)] = candidates["backpack_cached"].last_output
+            references[("gpt2", batch)] = candidates["gpt2_cached"].last_output
             publish()
-        for mode, name, model, model_name, backend in (
-            ("static", "backpack_static", backpack, "backpack", None),
-            ("static_compiled", "backpack_static_compiled", backpack, "backpack", compile_backend),
-            ("gpt2_static_compiled", "gpt2_static_compiled", gpt2, "gpt2", compile_backend),
-        ):
-            if mode in modes:
-                entry[name] = timed_generation(static_generate, model, prompt, sizes.new_tokens, device,
-                                               sizes.generate_reps, references[model_name], backend)
-                publish()
-        if "recompute" in modes and batch in sizes.recompute_batches:
+    if "recompute" in modes:
+        for batch in (b for b in sizes.generate_batches if b in sizes.recompute_batches):
             # One run only: it is O(N^2) and lasts long enough to average the machine's noise out by itself.
-            recompute = generate_fn(full_recompute_generate, backpack, prompt, sizes.new_tokens)
+            recompute = generate_fn(full_recompute_generate, backpack, prompts[batch], sizes.new_tokens)
             seconds = time_call(recompute, device)
-            entry["backpack_full_recompute"] = {**summarize([seconds]), "tokens_per_s": tokens / seconds}
-            reference = references["backpack"]
+            entry = results[f"batch{batch}"]
+            entry["backpack_full_recompute"] = {**summarize([seconds]),
+                                                "tokens_per_s": batch * sizes.new_tokens / seconds}
+            reference = references.get(("backpack", batch))
             if reference is None:
-                reference = cached_generate(backpack, prompt, sizes.new_tokens)
+                reference = cached_generate(backpack, prompts[batch], sizes.new_tokens)
             entry["recompute_matches_cached_tokens"] = bool(torch.equal(recompute.last_output, reference))
+            publish()
+    for mode, name, model, model_name, backend in (
+        ("static_compiled", "backpack_static_compiled", backpack, "backpack", compile_backend),
+        ("static", "backpack_static", backpack, "backpack", None),
+        ("gpt2_static_compiled", "gpt2_static_compiled", gpt2, "gpt2", compile_backend),
+    ):
+        if mode not in modes:
+            continue
+        for batch, prompt in prompts.items():
+            results[f"batch{batch}"][name] = timed_generation(
+                static_generate, model, prompt, sizes.new_tokens, device, sizes.generate_reps,
+                references.get((model_name, batch)), backend)
             publish()
     return results
 

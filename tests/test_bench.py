@@ -89,8 +89,8 @@ def test_partial_results_are_published_after_every_section():
     partials = []
     final = run_benchmarks(args, TINY_SIZES, partials.append)
     assert all(partial["complete"] is False for partial in partials) and final["complete"] is True
-    # Before any section; after forward; after each generation variant (batch 1: default and recompute, batch 2:
-    # default, since the loop runs at batch 1 only); after generate.
+    # Before any section; after forward; after each generation variant and batch (default at batch 1 and 2, the
+    # no-cache loop at batch 1 only); after generate.
     assert [sorted(set(p) & {"forward", "generate"}) for p in partials][:2] == [[], ["forward"]]
     assert len(partials) == 1 + 1 + 2 + 1 + 1
     assert partials[-1]["forward_ratio_backpack_over_gpt2"] == final["forward_ratio_backpack_over_gpt2"]
