@@ -254,10 +254,15 @@ def _has_tokenizer(name: str, *, revision: str | None, token: str | bool | None,
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, model_max_length: int | None = None,
                    revision: str | None = None, token: str | bool | None = None,
-                   cache_dir: str | os.PathLike | None = None):
+                   cache_dir: str | os.PathLike | None = None, config=None):
     """The repo's own tokenizer if it has one, else GPT-2's (built offline); EOS doubles as pad when none is set.
 
     The published ``stanfordnlp/backpack-gpt2`` ships no tokenizer: it uses GPT-2's unchanged.
+
+    Args:
+        config: The model's loaded configuration. Without it, ``AutoTokenizer`` reads config.json itself and, for a
+            ``model_type`` that transformers does not know (``backpack-gpt2``), falls back to a bare configuration
+            with a warning.
 
     Raises:
         ModelLoadError: the repo's tokenizer files exist but do not load without its own code.
@@ -268,7 +273,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, model_max_length: int | N
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, token=token, cache_dir=cache_dir,
-                                                      trust_remote_code=False)
+                                                      trust_remote_code=False,
+                                                      **({"config": config} if config is not None else {}))
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"the tokenizer files of {name!r} do not load: {error}") from error
     else:
@@ -322,5 +328,5 @@ def load_model(
     if device is not None:
         model = model.to(device)
     tokenizer = load_tokenizer(name, model_max_length=getattr(model.config, "n_positions", None),
-                               revision=revision, token=token, cache_dir=cache_dir)
+                               revision=revision, token=token, cache_dir=cache_dir, config=model.config)
     return model, tokenizer

@@ -125,7 +125,7 @@ def _usage_section(repo_id: str, revision: str | None) -> str:
 ## How to use
 
 The model code travels with the weights (`configuration_backpack_gpt2.py`, `modeling_backpack_gpt2.py`), so
-loading needs `trust_remote_code=True`:
+loading with transformers alone needs `trust_remote_code=True`, which runs that code: read it first.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,6 +133,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})
 ```
+
+With the `backpack-gpt2` package installed, its own classes load the same weights without running the repo's
+code: `model, tokenizer = backpack.load_model("{repo_id}"{rev})`.
 
 ### Generate
 

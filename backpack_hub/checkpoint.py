@@ -20,6 +20,8 @@ import torch
 from huggingface_hub import ModelCard
 
 from backpack.loading import ModelLoadError, is_backpack_config, load_pretrained_model
+from backpack.loading import load_tokenizer as load_tokenizer_files
+from backpack.tokenizer import gpt2_tokenizer
 from configuration_backpack_gpt2 import BackpackGPT2Config
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
@@ -29,7 +31,6 @@ RUN_FILE = "training_args.json"  # written by train/export.py: {"training_args":
 CARD_FILE = "README.md"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-TOKENIZER_MARKERS = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 # Accelerate's ``save_state`` writes these beside the model weights.
 ACCELERATE_MARKERS = ("optimizer.bin", "optimizer.safetensors", "scheduler.bin", "random_states_0.pkl")
@@ -321,17 +322,19 @@ def _load_accelerate_checkpoint(source: Path) -> Checkpoint:
 
 
 def load_tokenizer(checkpoint: Checkpoint):
-    """The checkpoint's tokenizer files if it has them, else the exact GPT-2 tokenizer built offline."""
-    folder = checkpoint.export_dir
-    if folder is not None and any((folder / name).is_file() for name in TOKENIZER_MARKERS):
-        from transformers import AutoTokenizer
+    """The tokenizer of the checkpoint's export if it has one, else the exact GPT-2 tokenizer built offline.
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    Through the package's loader: the export's own files without running any of its code.
+    """
+    config = checkpoint.model.config
+    if checkpoint.export_dir is not None:
+        try:
+            tokenizer = load_tokenizer_files(checkpoint.export_dir, model_max_length=config.n_positions, config=config)
+        except ModelLoadError as error:
+            raise CheckpointError(str(error)) from error
     else:
-        from backpack.tokenizer import gpt2_tokenizer
-
-        tokenizer = gpt2_tokenizer(model_max_length=checkpoint.model.config.n_positions)
-    if len(tokenizer) > checkpoint.model.config.vocab_size:
+        tokenizer = gpt2_tokenizer(model_max_length=config.n_positions)
+    if len(tokenizer) > config.vocab_size:
         raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
-                              f"{checkpoint.model.config.vocab_size} embeddings")
+                              f"{config.vocab_size} embeddings")
     return tokenizer

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd
 
-from backpack.loading import ModelLoadError, is_backpack_config, load_model
+from backpack.loading import TOKENIZER_FILES, ModelLoadError, is_backpack_config, load_model
 
-from .checkpoint import TOKENIZER_MARKERS, read_json
+from .checkpoint import read_json
 from .errors import CheckpointError, UsageError, ValidationFailed
 from .hub import check_token, hub_api, hub_errors_as_messages, parse_repo_id
 from .staging import (
@@ -148,7 +148,7 @@ def update_code(
             raise CheckpointError(f"{repo_id}: {error}") from error
         reference = reference_batch(model, tokenizer)
         with tempfile.TemporaryDirectory(prefix="backpack-tokenizer-") as scratch:
-            has_tokenizer = any((staging / name).is_file() for name in TOKENIZER_MARKERS)
+            has_tokenizer = any((staging / name).is_file() for name in TOKENIZER_FILES)
             if not has_tokenizer:  # the pipeline check needs one; the published repo ships none (it is GPT-2's)
                 tokenizer.save_pretrained(scratch)
             try:

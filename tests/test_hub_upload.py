@@ -139,6 +139,7 @@ def test_model_card_metadata_parses_and_carries_the_run(dry_run):
                     "## Evaluation", "## Limitations", "## Citation"):
         assert section in text
     assert f'from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
+    assert f'backpack.load_model("{REPO_ID}")' in text  # the way that runs no code from the repo
     assert 'pipeline("text-generation"' in text and "sense_logits" in text
     for fact in ("200 of 200 scheduled", "819,200", "4,096 tokens per optimizer step", "peak learning rate 0.0006",
                  "20 warm-up steps", "`bf16`", "5m 20s", "544.93", "50601.20", "1,666,336"):
