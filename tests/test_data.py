@@ -11,6 +11,7 @@ from train import data as train_data
 from train.config import DataArguments, TrainArguments, gradient_accumulation_steps, parse_args
 from train.data import (
     PAD_TOKEN,
+    check_data_source,
     collate_blocks,
     embedded_documents,
     load_documents,
@@ -146,3 +147,41 @@ def test_config_errors_name_the_problem(tmp_path):
         parse_args((DataArguments, TrainArguments), ["--config", "huge"])
     with pytest.raises(ValueError, match="divisible by num_senses"):
         parse_args((DataArguments, TrainArguments), ["--n_embd", "100"])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [("empty.txt", b"", "data file is empty"),
+     ("blank.jsonl", b"  \n\n\t\n", "holds only whitespace"),
+     ("latin1.txt", "Ein Café in Zürich.".encode("latin-1"), r"not UTF-8 text \(byte b'\\xe9' at offset 7;"),
+     ("cut.txt", "naïve".encode()[:3], "ends inside a character"),
+     ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary, not text"),
+     ("utf16.txt", "text".encode("utf-16"), "binary, not text.*UTF-16"),
+     ("table.parquet", b"not a parquet file at all", "not a Parquet file")],
+)
+def test_unreadable_data_files_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    args = DataArguments(data_files=[str(path)], data_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=f"{message}.*: {path}$"):
+        check_data_source(args)  # before anything is built: from the file's first MiB
+    with pytest.raises(ValueError, match=f"{message}.*: {path}$"):
+        load_documents(args)  # and in full, before datasets reads it
+
+
+def test_a_bad_byte_past_the_first_mib_is_found_before_tokenising(tmp_path, tokenizer):
+    path = tmp_path / "long.txt"
+    content = b"word " * 300_000 + "\n\nfin de l'\xe9t\xe9".encode("latin-1")  # 1.5 MB, Latin-1 at the end
+    path.write_bytes(content)
+    args = DataArguments(data_files=[str(path)], data_cache_dir=str(tmp_path / "cache"))
+    check_data_source(args)  # the first MiB is fine
+    offset = content.index("é".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"not UTF-8 text .* at offset {offset:,};.*{path}"):
+        prepare_datasets(args, tokenizer, block_size=9)
+
+
+def test_malformed_json_lines_name_the_file(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(ValueError, match=f"could not read {path} as json"):
+        load_documents(DataArguments(data_files=[str(path)]))
