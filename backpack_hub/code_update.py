@@ -24,7 +24,6 @@ from .errors import CheckpointError, UsageError, ValidationFailed
 from .hub import check_token, hub_api, hub_errors_as_messages, parse_repo_id
 from .staging import (
     CODE_MODULES,
-    STALE_WEIGHT_PATTERN,
     StagedFile,
     auto_map_is_current,
     ensure_auto_map,
@@ -41,7 +40,8 @@ COMMIT_OID = re.compile(r"[0-9a-f]{40}")
 def stage_code_update(snapshot: str | os.PathLike, staging: str | os.PathLike) -> list[StagedFile]:
     """The repo's files with the installed model code swapped in (and ``auto_map`` fixed if needed).
 
-    Weight files are linked to the downloaded snapshot, never copied or rewritten; every other file is copied.
+    Only ``config.json`` and the code files are copied (they may be rewritten); every other file, the weights
+    included, is linked to the downloaded snapshot, never copied or changed.
 
     Returns:
         The files that differ from the repo's (what the pull request changes), possibly none.
@@ -50,16 +50,17 @@ def stage_code_update(snapshot: str | os.PathLike, staging: str | os.PathLike) -
     if staging.exists() and any(staging.iterdir()):
         raise UsageError(f"--staging-dir {staging} is not empty")
     staging.mkdir(parents=True, exist_ok=True)
+    rewritable = {"config.json", *(Path(module.__file__).name for module in CODE_MODULES)}
     for path in sorted(snapshot.rglob("*")):
         relative = path.relative_to(snapshot).as_posix()
         if path.is_dir() or relative.startswith("."):  # .gitattributes stays as it is in the repo
             continue
         target = staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        if STALE_WEIGHT_PATTERN.search(relative):
-            target.symlink_to(path.resolve())
+        if relative in rewritable:
+            shutil.copyfile(path, target)  # a file of its own: writing it never touches the Hub cache
         else:
-            shutil.copyfile(path, target)
+            target.symlink_to(path.resolve())
 
     changed = []
     for module in CODE_MODULES:
