@@ -40,7 +40,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Model, GPT2PreTrainedModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
@@ -206,13 +206,17 @@ def as_backpack_cache(cache: Cache) -> Cache:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class ResidualProjection(Conv1D):
+    """The output projection of a sense-network MLP: a Conv1D that `_init_weights` starts smaller."""
+
+
 class BackpackMLP(nn.Module):
     """Feed-forward layer `W_2 act(W_1 x)`: (..., embed_dim) -> (..., out_dim), with dropout on the output."""
 
     def __init__(self, embed_dim: int, intermediate_dim: int, out_dim: int, config: BackpackGPT2Config):
         super().__init__()
         self.c_fc = Conv1D(intermediate_dim, embed_dim)
-        self.c_proj = Conv1D(out_dim, intermediate_dim)
+        self.c_proj = ResidualProjection(out_dim, intermediate_dim)
         self.act = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -412,15 +416,19 @@ class BackpackGPT2PreTrainedModel(GPT2PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The published recipe, written out so that it does not depend on transformers' per-class defaults.
+        """The published recipe for the Backpack's own layers, written out rather than inherited by class.
 
-        Every linear layer and embedding ~ N(0, initializer_range), biases 0, LayerNorms (1, 0). Output
-        projections of residual branches are scaled down by the number of residual layers they add to: GPT-2's
-        attention and MLP by 1/sqrt(2·n_layer), the sense network's two MLPs by 1/sqrt(2·1) (its one block, as the
-        paper's code configures it): 0.0141 for the default 0.02.
+        Every linear layer and embedding ~ N(0, initializer_range), biases 0, LayerNorms (1, 0); the output
+        projections of the sense network's two MLPs ~ N(0, initializer_range / sqrt(2·1)), 0.0141 for the default
+        0.02, as the paper's code configures its sense ("content") network: one residual layer. The GPT-2
+        contextualization network is a transformers model of its own and gets GPT-2's recipe from it (its residual
+        projections scaled by 1/sqrt(2·n_layer)).
         """
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, Conv1D)):
+        if isinstance(module, ResidualProjection):
+            init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * 1))
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, Conv1D)):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -429,11 +437,6 @@ class BackpackGPT2PreTrainedModel(GPT2PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        # Parents are initialised after their children, so these rescalings win over the plain N(0, std) above.
-        if isinstance(module, (GPT2Attention, GPT2MLP)):
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-        elif isinstance(module, BackpackMLP):
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * 1))
 
 
 class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
@@ -898,7 +901,16 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
             self.backpack.sense_edits.pop(int(token_id), None)
 
 
+# PEFT `target_modules` (regular expressions over module names). PEFT's default for GPT-2, ["c_attn"], would also
+# adapt the contextualization layer `sense_weight_net.c_attn`, an nn.Linear among Conv1Ds.
+LORA_TARGET_MODULES = {
+    "attention": r".*gpt2_model\.h\.\d+\.attn\.c_attn",  # GPT-2's attention projections: how words are combined
+    "senses": r".*sense_network\..*\.(c_fc|c_proj)",  # the sense network's MLPs: what each word's senses are
+    "attention_and_senses": r".*(gpt2_model\.h\.\d+\.attn\.c_attn|sense_network\..*\.(c_fc|c_proj))",
+}
+
 __all__ = [
+    "LORA_TARGET_MODULES",
     "BackpackDynamicCache",
     "BackpackGPT2LMHeadModel",
     "BackpackGPT2Model",
