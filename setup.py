@@ -9,7 +9,9 @@ HERE = Path(__file__).parent
 TRAIN = ["accelerate>=1.0", "datasets>=3.0", "gensim>=4.3", "tensorboard", "pyyaml", "tqdm"]
 EVAL = ["scipy", "matplotlib", "gensim>=4.3", "tqdm"]
 DEMO = ["gradio>=6.31,<7", "matplotlib"]
-DEV = ["pytest", "ruff", "selenium>=4.51,<5"] + TRAIN + EVAL + DEMO
+EXPORT = ["onnx", "onnxscript", "onnxruntime"]  # torch.onnx.export(..., dynamo=True) and running its output
+PEFT = ["peft>=0.17"]
+DEV = ["pytest", "ruff", "selenium>=4.51,<5"] + TRAIN + EVAL + DEMO + EXPORT + PEFT
 
 setup(
     name="backpack-gpt2",
@@ -34,6 +36,8 @@ setup(
         "eval": EVAL,
         "demo": DEMO,
         "flash": ["flash-attn>=2.5"],
+        "export": EXPORT,
+        "peft": PEFT,
         "dev": DEV,
     },
     entry_points={"console_scripts": ["backpack=backpack.cli:main"]},
