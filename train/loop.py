@@ -147,8 +147,7 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
     if args.resume is not None:  # the records past the checkpoint are logged again from here
         dropped = history.cut_after(state.step if resume is not None else -1)
         if dropped:
-            accelerator.print(f"log_history.jsonl: dropped {dropped} record(s) past step {state.step}, "
-                              "which this run logs again")
+            accelerator.print(f"log_history.jsonl: dropped {dropped} record(s) of the steps this run logs again")
     state.sequences_per_step = sequences_per_step
 
     accelerator.init_trackers(args.run_name, config=_tracker_config(run_config))

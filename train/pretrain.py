@@ -61,7 +61,7 @@ def finish_without_training(resume: ResumePoint, args: TrainArguments, is_main_p
     """A run whose checkpoint is already at its last step: say so, and write nothing.
 
     The one exception is a final export that a second signal interrupted (missing, or an earlier step's): the
-    checkpoint's own export is copied there.
+    checkpoint's own export is copied there. A later step's export (another ``--resume PATH``) is left alone.
     """
     last = final_step(args)
     limit = f"--stop_at_step {args.stop_at_step}" if last != args.max_steps else f"max_steps {args.max_steps}"
@@ -69,8 +69,8 @@ def finish_without_training(resume: ResumePoint, args: TrainArguments, is_main_p
     say(f"Nothing to do: {resume.path} is at step {resume.state.step} and this run ends at step {last} ({limit}). "
         "Raise --max_steps or --stop_at_step to train further.")
     final = os.path.join(args.output_dir, FINAL_EXPORT_DIR)
-    if exported_step(final) != resume.state.step:
-        found = "missing" if not os.path.isdir(final) else f"from step {exported_step(final)}"
+    if (exported := exported_step(final)) is None or exported < resume.state.step:
+        found = "missing" if not os.path.isdir(final) else f"from step {exported}"
         if is_main_process:
             restore_final_model(resume.path, args.output_dir)
         say(f"The final export {final} was {found} (stopped while writing it?): copied {resume.path}/model there.")
