@@ -13,7 +13,7 @@ The published checkpoint ``stanfordnlp/backpack-gpt2`` predates that and stores 
 import os
 from typing import Any
 
-from transformers import GPT2Config
+from transformers import AutoConfig, GPT2Config
 
 BACKPACK_CLASS_NAMES = ("BackpackGPT2LMHeadModel", "BackpackGPT2Model", "BackpackGPT2Config")
 
@@ -90,3 +90,5 @@ class BackpackGPT2Config(GPT2Config):
 
 # `save_pretrained` then writes `auto_map["AutoConfig"]` so that a saved folder loads with trust_remote_code=True.
 BackpackGPT2Config.register_for_auto_class()
+# Once this module is imported, AutoConfig knows the type too (no remote code needed where the package is installed).
+AutoConfig.register(BackpackGPT2Config.model_type, BackpackGPT2Config, exist_ok=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin
+from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
@@ -920,3 +920,6 @@ __all__ = [
 
 # `save_pretrained` then writes `auto_map` and copies this file and the configuration beside the weights.
 BackpackGPT2LMHeadModel.register_for_auto_class("AutoModelForCausalLM")
+# Once this module is imported, the Auto classes and `pipeline` know the Backpack: a loaded model is accepted for
+# text generation, and `AutoModelForCausalLM.from_pretrained(folder)` uses these classes without remote code.
+AutoModelForCausalLM.register(BackpackGPT2Config, BackpackGPT2LMHeadModel, exist_ok=True)

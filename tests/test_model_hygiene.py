@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
+from transformers import pipeline
 
 from backpack.tokenizer import gpt2_tokenizer
 from modeling_backpack_gpt2 import LORA_TARGET_MODULES, BackpackGPT2LMHeadModel
@@ -55,6 +56,8 @@ def test_save_load_generate_and_train_print_no_warning(tmp_path, caplog):
         model.save_pretrained(tmp_path)
         reloaded = BackpackGPT2LMHeadModel.from_pretrained(tmp_path)
         reloaded.generate(torch.tensor([[464, 1110]]), max_new_tokens=3, do_sample=False)
+        generator = pipeline("text-generation", model=reloaded, tokenizer=gpt2_tokenizer())
+        generator("The river bank", max_new_tokens=3, do_sample=False)
         reloaded.train()
         reloaded(torch.tensor([[464, 1110, 318]]), labels=torch.tensor([[464, 1110, 318]])).loss.backward()
     messages = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
