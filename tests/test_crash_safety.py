@@ -232,3 +232,31 @@ def test_corrupt_foreign_and_crafted_checkpoints_are_skipped_and_never_deleted(t
     assert f"skipping {folders[-1]} holds files its checkpoint.json does not list: custom_checkpoint_0.pkl" in output
     assert resumed_step(output) == LAST_STEP - 1
     assert not marker.exists()
+
+
+def test_a_file_that_does_not_read_back_stops_the_manifest(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from train.checkpointing import CheckpointError, check_readable
+
+    save_file({"weight": torch.arange(1000.0)}, str(tmp_path / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.ones(1000)}}}, tmp_path / "optimizer.bin")
+    (tmp_path / "training_state.json").write_text('{"step": 1}')
+    for name in ("model.safetensors", "optimizer.bin", "training_state.json"):
+        check_readable(str(tmp_path / name))
+        content = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(content[: len(content) // 2])
+        with pytest.raises(CheckpointError, match=f"{tmp_path / name}: "):
+            check_readable(str(tmp_path / name))
+
+
+def test_fault_specs_are_checked():
+    from train.faults import Fault, parse
+
+    assert parse("after:optimizer.bin") == [Fault("kill", "after", "optimizer.bin", 1)]
+    assert parse("sigterm@after:step#3, enospc@during:model/model.safetensors#2") == [
+        Fault("sigterm", "after", "step", 3), Fault("enospc", "during", "model/model.safetensors", 2)]
+    for bad in ("optimizer.bin", "explode@after:save", "while:save", "after:save#x"):
+        with pytest.raises(ValueError, match="BACKPACK_FAULT: cannot read"):
+            parse(bad)
