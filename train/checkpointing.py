@@ -36,6 +36,7 @@ from accelerate.utils import broadcast_object_list
 
 from train import faults
 from train.atomic import (
+    describe_os_error,
     file_sha256,
     fsync_tree,
     hidden_sibling,
@@ -321,11 +322,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainingSt
     faults.at("before", "save")
     names: list[str | None] = [None, None]
     if accelerator.is_main_process:
-        os.makedirs(root, exist_ok=True)
-        remove_leftovers(root, say)
-        final = os.path.join(root, f"checkpoint_{next_checkpoint_index(root)}")
-        temporary = hidden_sibling(final, "tmp")
-        os.mkdir(temporary)
+        try:
+            os.makedirs(root, exist_ok=True)
+            remove_leftovers(root, say)
+            final = os.path.join(root, f"checkpoint_{next_checkpoint_index(root)}")
+            temporary = hidden_sibling(final, "tmp")
+            os.mkdir(temporary)
+        except OSError as error:  # e.g. a read-only or full file system: nothing was written
+            raise CheckpointError(f"could not save the checkpoint at step {state.step}: {describe_os_error(error)}. "
+                                  f"{describe_newest(output_dir)}") from error
         names = [temporary, final]
     temporary, final = broadcast_object_list(names)  # every process writes into the same temporary folder
     renamed = False
@@ -396,7 +401,11 @@ def prune_checkpoints(output_dir: str, keep: int | None, just_saved: str | None 
         except CheckpointError:
             continue
         faults.at("before", "prune")
-        remove_tree(path)
+        try:
+            remove_tree(path)
+        except OSError as error:  # the new checkpoint is safe; a checkpoint too many is no reason to stop
+            say(f"warning: could not remove {path}: {describe_os_error(error)}")
+            continue
         removed.append(path)
         say(f"removed {path} (keeping the newest {keep})")
     faults.at("after", "prune")
