@@ -120,9 +120,13 @@ def test_compiled_static_decoding_is_one_graph_per_shape_and_generates_the_same(
 
     model.forward = torch.compile(model.forward, backend=counting_backend, fullgraph=True)  # a break would raise
     assert torch.equal(model.generate(padded_ids, attention_mask=mask, **settings), expected_padded)
-    assert len(graphs) == 2  # the prefill and the decoding step
     assert torch.equal(model.generate(padded_ids, attention_mask=mask, **settings), expected_padded)
-    assert len(graphs) == 2  # the next generate() reuses both: no recompilation
+    # The prefill and the decoding step (transformers 5.4 specialises once more in its second call): never one per
+    # step, and after that every generate() of these sizes reuses them.
+    compiled_graphs = len(graphs)
+    assert 2 <= compiled_graphs <= 3
+    assert torch.equal(model.generate(padded_ids, attention_mask=mask, **settings), expected_padded)
+    assert len(graphs) == compiled_graphs
     assert torch.equal(model.generate(padded_ids[2:], **settings), expected)
 
 
