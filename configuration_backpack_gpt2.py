@@ -17,6 +17,15 @@ from transformers import AutoConfig, GPT2Config
 
 BACKPACK_CLASS_NAMES = ("BackpackGPT2LMHeadModel", "BackpackGPT2Model", "BackpackGPT2Config")
 
+# The one registry of model sizes: the paper's Table 9 (micro, mini, small; 16 senses, 512 positions) and nano, a
+# CPU-sized Backpack for the offline quickstart. The trainer's configs, the benchmark and the Hub tool all read it.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "nano": {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 128},
+    "micro": {"n_embd": 384, "n_layer": 6, "n_head": 6, "n_positions": 512},  # 40M parameters (GPT-2 twin: 30M)
+    "mini": {"n_embd": 640, "n_layer": 8, "n_head": 8, "n_positions": 512},  # 100M (70M)
+    "small": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 512},  # 170M (124M), the published size
+}
+
 
 def names_backpack_classes(config_dict: dict) -> bool:
     """Whether a raw config dict names the Backpack classes (`architectures` or `auto_map`)."""
@@ -76,6 +85,21 @@ class BackpackGPT2Config(GPT2Config):
         if self.sense_intermediate_scale < 1:
             raise ValueError(f"sense_intermediate_scale must be >= 1, got {self.sense_intermediate_scale}")
 
+
+    @classmethod
+    def from_size(cls, size: str, **overrides) -> "BackpackGPT2Config":
+        """The configuration of a named size of `MODEL_SIZES` (16 senses, GPT-2's vocabulary), `overrides` on top."""
+        if size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+        return cls(**{**MODEL_SIZES[size], **overrides})
+
+    def contextualization_config(self) -> GPT2Config:
+        """The plain GPT-2 of this Backpack's contextualization network: the Transformer it is compared with."""
+        gpt2 = GPT2Config(**{key: value for key, value in self.to_dict().items()
+                              if key not in ("num_senses", "sense_intermediate_scale", "auto_map", "architectures",
+                                             "model_type", "transformers_version")})
+        gpt2._attn_implementation = self._attn_implementation
+        return gpt2
 
     @classmethod
     def get_config_dict(
