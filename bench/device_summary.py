@@ -297,6 +297,8 @@ def markdown(summary: dict) -> str:
     lines += ["", "## Trainer (`train/pretrain.py`)", "",
               "| run | steady tokens/s | MFU | windows after the first | graph breaks logged | recompilations logged |",
               "|---|---|---|---|---|---|"]
+    lines.insert(len(lines) - 2, "One recompilation of a compiled run is expected (evaluation runs without gradients, "
+                 "training with them); more mean the step recompiles as it goes.\n")
     for name, entry in summary["trainer"].items():
         lines.append(f"| {name} | {_fmt(entry.get('tokens_per_s'))} | {_fmt(entry.get('mfu'))} | "
                      f"{entry.get('steady_windows')} | {_fmt(entry.get('graph_breaks_logged'))} | "

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -157,6 +158,18 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def git_revision() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it (None outside a git checkout)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def progress_total(sections: tuple[str, ...], sizes: BenchSizes, modes: tuple[str, ...] = ("default",)) -> int:
     """Number of progress-bar ticks the run will make."""
     per_section = {
@@ -211,6 +224,7 @@ def run_benchmarks(
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
+            "git": git_revision(),
             "threads": torch.get_num_threads(),
             "config": args.config,
             "model_size": MODEL_SIZES[args.config],
