@@ -30,11 +30,12 @@ def data_cache(tmp_path_factory) -> str:
 
 
 def run(args: list[str], output_dir: Path, data_cache: str, launcher: list[str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+        check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run train/pretrain.py in a fresh process; returns the finished process (output captured)."""
     command = (launcher or [sys.executable]) + [PRETRAIN, *TINY, "--data_cache_dir", data_cache,
                                                 "--output_dir", str(output_dir), *args]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=None if env is None else {**os.environ, **env})
     if check and result.returncode != 0:
         output = result.stdout[-3000:] + "\n" + result.stderr[-4000:]
         raise AssertionError(f"pretrain failed ({result.returncode}):\n{output}")
@@ -146,6 +147,21 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(uninterrupted, t
     expected, resumed = history(uninterrupted), history(tmp_path)
     for step in range(stopped_at + 1, 9):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_compiled_training_is_one_graph_that_never_recompiles_per_step(backpack_run, tmp_path, data_cache):
+    """`--compile true`: the forward is one graph (a graph break would fail the run) of static shapes, so after the
+    first evaluation and the first training step nothing compiles again; the losses are the eager run's."""
+    result = run(["--max_steps", "10", "--eval_interval", "5", "--dropout", "0.0", "--compile", "true"], tmp_path,
+                 data_cache, env={"TORCH_LOGS": "recompiles,graph_breaks"})
+    logs = result.stdout + result.stderr
+    assert "Graph break" not in logs
+    # One recompilation only: training after the first validation (grad mode on); 10 steps and 3 validations.
+    assert logs.count("Recompiling function") == 1, logs[-3000:]
+    eager, compiled = history(backpack_run), history(tmp_path)
+    assert sorted(compiled) == sorted(eager)
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, abs=2e-3), step
 
 
 def test_gpt2_baseline_trains_and_exports(tmp_path, data_cache):

@@ -16,6 +16,8 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser
 
+from configuration_backpack_gpt2 import MODEL_SIZES
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -60,10 +62,15 @@ class TrainArguments:
     model: Literal["backpack", "gpt2"] = field(
         default="backpack", metadata={"help": "backpack, or gpt2: the plain Transformer of the same size."}
     )
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_positions: int = 512
+    size: str = field(
+        default="small",
+        metadata={"help": f"A named size ({', '.join(MODEL_SIZES)}): sets n_embd, n_layer, n_head and n_positions, "
+                  "each unless given."},
+    )
+    n_embd: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_positions: int | None = None
     num_senses: int = 16
     sense_intermediate_scale: int = 4
     vocab_size: int = field(default=50264, metadata={"help": "GPT-2's 50,257 subwords padded to a multiple of 8."})
@@ -173,9 +180,19 @@ def parse_args(
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     parsed = tuple(args for args in parsed if isinstance(args, dataclass_types))  # drop the --config namespace
     for args in parsed:
-        if hasattr(args, "n_positions"):
+        if isinstance(args, TrainArguments):
+            apply_size(args)
             validate_train_args(args)
     return parsed
+
+
+def apply_size(args: TrainArguments) -> None:
+    """Fill the shape keys not given (in the config file or on the command line) from ``MODEL_SIZES[args.size]``."""
+    if args.size not in MODEL_SIZES:
+        raise ValueError(f"unknown size {args.size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    for key, value in MODEL_SIZES[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def validate_train_args(args: TrainArguments) -> None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from accelerate import Accelerator
+from transformers.utils import logging as hf_logging
 
 from train import faults
 from train.atomic import fsync_dir, fsync_tree, hidden_sibling, write_json_atomically
@@ -29,11 +32,24 @@ def export_model(accelerator: Accelerator, model, tokenizer, folder: str, traini
     if accelerator.is_main_process:
         os.makedirs(folder, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        with _without_transformers_progress_bars():  # a bar under the training bar leaves `[A` in log files
+            unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         write_json_atomically(os.path.join(folder, "training_args.json"),
                               _jsonable({"training_args": training_args, "metrics": metrics}))
     accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _without_transformers_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars off for a moment (its "Writing model shards" bar at every save)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _jsonable(value):

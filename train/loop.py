@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -20,6 +20,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    TorchDynamoPlugin,
     parse_flag_from_env,
 )
 from tqdm.auto import tqdm
@@ -76,7 +77,9 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int) ->
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"),
         ),
-        dynamo_backend="inductor" if args.compile else None,
+        # One graph for the whole forward (a graph break raises instead of silently splitting it) and static
+        # shapes: every training step has the same shape, so nothing recompiles after the first step.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", fullgraph=True, dynamic=False) if args.compile else None,
     )
 
 
@@ -112,6 +115,21 @@ def publish(accelerator: Accelerator, folder: str, args: TrainArguments, step: i
 
 
 
+def drop_tied_aliases(accelerator: Accelerator) -> Callable[[list, list[dict], str], None]:
+    """A `save_state` hook that stores each tied tensor once, under the name the model ties the others to.
+
+    A Backpack's state dict names its word embedding three times (the published aliases); Accelerate would keep
+    one name itself, warning at every save. Loading ties the aliases back (`load_state` goes through safetensors).
+    """
+
+    def hook(models: list, weights: list[dict], output_dir: str) -> None:
+        for model, state in zip(models, weights):
+            for alias in getattr(accelerator.unwrap_model(model), "all_tied_weights_keys", None) or {}:
+                state.pop(alias, None)
+
+    return hook
+
+
 def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokenizer, run_config: dict,
           stop_signal: StopOnSignal, resume: ResumePoint | None = None) -> tuple:
     """Train ``model`` on the packed splits from ``resume`` (or from scratch); returns the prepared model and the
@@ -129,6 +147,7 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
     model, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, validation_loader, scheduler
     )
+    accelerator.register_save_state_pre_hook(drop_tied_aliases(accelerator))
     accumulation = accelerator.gradient_accumulation_steps
     sequences_per_step = args.batch_size * accumulation * accelerator.num_processes
     tokens_per_step = sequences_per_step * args.n_positions
@@ -158,7 +177,7 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
 
     def validate() -> dict | None:
         """Validation loss and perplexity, logged; None (nothing logged) when no token was scored."""
-        result = evaluate(model, validation_loader, accelerator, args.eval_batches)
+        result = evaluate(model, validation_loader, accelerator, args.eval_batches, progress_bar=False)
         if result["tokens"] == 0:
             why = "--eval_batches 0" if args.eval_batches == 0 else "the validation split is empty"
             accelerator.print(f"step {state.step}: no validation ({why}): no validation metric is recorded")

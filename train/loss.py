@@ -15,9 +15,8 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     The loss is computed here rather than by the model because a block's targets are ``block[1:]``, not the
     inputs shifted inside the model: that way every token of a block of ``n + 1`` is a target.
     """
-    # Packed blocks have no padding; the explicit all-ones mask says so (EOS doubles as the pad token).
-    inputs = batch["input_ids"]
-    logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
+    # Packed blocks have no padding: no mask, so attention and the sense sum run their causal fused kernels.
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100,
                            reduction="none").view_as(batch["targets"])
 
@@ -30,7 +29,7 @@ def next_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, accelerator, max_batches: int | None = None,
-             desc: str = "validation") -> dict[str, float]:
+             desc: str = "validation", progress_bar: bool = True) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over (the first ``max_batches`` batches of) ``loader``.
 
     ``max_batches`` counts batches of all processes together.
@@ -45,7 +44,9 @@ def evaluate(model: torch.nn.Module, loader, accelerator, max_batches: int | Non
     batches = len(loader)  # per process
     if max_batches is not None:  # counted over all processes, so any number of processes sees the same batches
         batches = min(batches, math.ceil(max_batches / accelerator.num_processes))
-    progress = tqdm(total=batches, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    # No bar inside the training loop's own: a second bar under it leaves cursor codes (`[A`) in every log file.
+    progress = tqdm(total=batches, desc=desc, leave=False,
+                    disable=not (progress_bar and accelerator.is_local_main_process))
     for index, batch in enumerate(loader):
         if index >= batches:
             break

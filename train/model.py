@@ -3,40 +3,39 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import GPT2LMHeadModel, PretrainedConfig, PreTrainedModel
 
+from configuration_backpack_gpt2 import BackpackGPT2Config
+from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 from train.config import TrainArguments
 
+GPT2_EOS_TOKEN_ID = 50256  # <|endoftext|>: between documents, and the pad token for generation
 
-def model_config(args: TrainArguments, eos_token_id: int = 50256) -> GPT2Config:
-    """The model's configuration; the GPT-2 baseline gets exactly the Backpack's contextualization network."""
-    shape = dict(
+
+def model_config(args: TrainArguments, eos_token_id: int = GPT2_EOS_TOKEN_ID) -> PretrainedConfig:
+    """The model's configuration; the GPT-2 baseline is exactly the Backpack's contextualization network.
+
+    No pad token in the config: packed blocks have none (EOS separates documents), and a config pad id would make
+    GPT-2 scan every batch for it; `build_model` puts EOS in the generation config, where padding happens.
+    """
+    backpack = BackpackGPT2Config(
         vocab_size=args.vocab_size, n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer,
-        n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
-        scale_attn_by_inverse_layer_idx=True, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
+        n_head=args.n_head, num_senses=args.num_senses, sense_intermediate_scale=args.sense_intermediate_scale,
+        resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
     )
-    if args.model == "gpt2":
-        return GPT2Config(**shape)
-    from configuration_backpack_gpt2 import BackpackGPT2Config
-
-    return BackpackGPT2Config(num_senses=args.num_senses, sense_intermediate_scale=args.sense_intermediate_scale,
-                              **shape)
+    return backpack.contextualization_config() if args.model == "gpt2" else backpack
 
 
 def build_model(args: TrainArguments) -> PreTrainedModel:
     """A freshly initialised model (seed the RNG first for a reproducible start)."""
     config = model_config(args)
-    if args.model == "gpt2":
-        model = GPT2LMHeadModel(config)
-    else:
-        from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
-
-        model = BackpackGPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.generation_config.max_length = args.n_positions  # the pipeline's default would run past the positions
+    model = GPT2LMHeadModel(config) if args.model == "gpt2" else BackpackGPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = config.eos_token_id
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.24 renamed it; the old name still works there, with a FutureWarning.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     return model
 
 
