@@ -16,5 +16,6 @@ python -m pip install --quiet --disable-pip-version-check -e '.[train]'
 
 output_dir=outputs/nano
 for arg in "$@"; do [ "$arg" = gpt2 ] && output_dir=outputs/nano-gpt2; done
-python train/pretrain.py --config nano --output_dir "$output_dir" "$@"
+# A rerun of the main command replaces its own earlier run (the trainer refuses a used folder unless told).
+python train/pretrain.py --config nano --output_dir "$output_dir" --overwrite_output_dir true "$@"
 python train/demo.py "$output_dir/model"

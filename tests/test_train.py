@@ -183,6 +183,14 @@ def test_gpt2_baseline_trains_and_exports(tmp_path, data_cache):
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert evaluated["loss"] == pytest.approx(history(tmp_path, "val/loss")[10], abs=1e-5)
 
+    # Nothing scored is an error, never a perplexity of 1 (or NaN) reported as a result.
+    nothing = subprocess.run(
+        [sys.executable, str(REPO / "train" / "evaluate.py"), "--model_path", str(tmp_path / "model"),
+         "--data_cache_dir", data_cache, "--max_documents", "40", "--max_batches", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert nothing.returncode == 2 and "no token was scored (--max_batches 0)" in nothing.stderr, nothing.stderr
+
 
 def test_push_to_hub_publishes_each_export_through_hub_upload(tmp_path, data_cache):
     # A dry run stages and validates in a fresh process exactly as a push would, and sends nothing.

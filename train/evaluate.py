@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
                         collate_fn=lambda examples: collate_blocks(examples, tokenizer.eos_token_id))
     model, loader = accelerator.prepare(model, loader)
     result = evaluate(model, loader, accelerator, eval_args.max_batches, desc=f"evaluating {eval_args.split}")
+    if result["tokens"] == 0:
+        why = "--max_batches 0" if eval_args.max_batches == 0 else f"the {eval_args.split} split is empty"
+        raise ValueError(f"no token was scored ({why}): there is no loss or perplexity to report")
     result.update(model_path=eval_args.model_path, split=eval_args.split, block_size=block_size)
     accelerator.print(f"{eval_args.model_path} on {eval_args.split}: loss {result['loss']:.4f}, "
                       f"perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
@@ -81,5 +84,15 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """Run :func:`main`; a problem with the arguments, the model or the data is one message, exit status 2."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
