@@ -23,7 +23,11 @@ setup(
     python_requires=">=3.10",
     # The two model files are top-level modules: exactly the files that travel to the Hub as remote code.
     py_modules=["configuration_backpack_gpt2", "modeling_backpack_gpt2", "hub_upload"],
-    packages=["backpack", "backpack_hub"],
+    # The trainer, the benchmark and the demo keep their folders (`accelerate launch train/pretrain.py`) and install
+    # under names of their own, so that nothing as generic as `train` lands in site-packages.
+    packages=["backpack", "backpack_hub", "backpack_train", "backpack_bench", "backpack_demo"],
+    package_dir={"backpack_train": "train", "backpack_bench": "bench", "backpack_demo": "demo"},
+    package_data={"backpack_train": ["configs/*.yaml", "accelerate_configs/*.yaml"], "backpack_bench": ["*.sh"]},
     install_requires=[
         "torch>=2.13",
         "transformers>=5.4",  # with 5.0 and 5.3, GPT-2's sdpa path misses the golden outputs
@@ -40,5 +44,14 @@ setup(
         "peft": PEFT,
         "dev": DEV,
     },
-    entry_points={"console_scripts": ["backpack=backpack.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "backpack=backpack.cli:main",
+            "backpack-pretrain=backpack_train.pretrain:cli",
+            "backpack-evaluate=backpack_train.evaluate:cli",
+            "backpack-bench=backpack_bench.run:cli",
+            "backpack-demo=backpack_demo.app:main",
+            "backpack-hub-upload=hub_upload:main",
+        ]
+    },
 )

@@ -21,7 +21,7 @@ from .senses import SenseReadout
 matplotlib = import_optional("matplotlib", "figures (backpack.plots, the command line's --png)")
 matplotlib.use("Agg")  # headless: figures are only ever saved
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 

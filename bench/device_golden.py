@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
+import transformers
+
+from backpack_bench.atomic import write_json
+from backpack_bench.measure import cache_argument, describe_error
+from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-
-from bench.atomic import write_json  # noqa: E402
-from bench.measure import cache_argument, describe_error  # noqa: E402
-from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel  # noqa: E402
 
 FIXTURE_NAME = os.path.join("fixtures", "backpack-tiny")
 NEW_TOKENS = 12

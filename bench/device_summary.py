@@ -16,16 +16,13 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+from backpack_bench.atomic import write_json, write_text
 
-from bench.atomic import write_json, write_text  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BENCH_FILES = ("bench_core", "bench_generate", "bench_train_compiled", "bench_memory")
 # Correctness thresholds. fp32: the model tests' tolerance. bf16 / fp16 against fp32 (relative error of the
@@ -134,7 +131,7 @@ def golden_checks(golden: dict | None) -> list[dict]:
 def distinct_tokens_per_batch(batch: int, seq: int, windows: int = 8) -> int:
     """Median number of distinct token ids in a (batch, seq) window of the embedded corpus's Wikipedia text:
     the sense network runs once per distinct token, so the Backpack's FLOPs depend on it (as in `bench_mfu`)."""
-    from bench.data import TokenBatches
+    from backpack_bench.data import TokenBatches
 
     data = TokenBatches("wiki", batch * seq * windows, 50264)
     return int(statistics.median(
@@ -167,7 +164,7 @@ def trainer_summary(folder: str, peak_tflops: float | None, distinct: Callable[[
         entry["recompilations_logged"] = len(RECOMPILE.findall(text))
     entry["mfu"] = None
     if entry["tokens_per_s"] and run and peak_tflops:
-        from bench.measure import forward_flops
+        from backpack_bench.measure import forward_flops
 
         config = SimpleNamespace(**{key: run[key] for key in ("n_embd", "n_layer", "vocab_size", "num_senses",
                                                               "sense_intermediate_scale")})
@@ -187,7 +184,7 @@ def trainer_summary(folder: str, peak_tflops: float | None, distinct: Callable[[
 
 
 def summarize(folders: Sequence[str]) -> dict:
-    from bench.measure import peak_tflops
+    from backpack_bench.measure import peak_tflops
 
     env = read_json(latest(folders, "env.json") or "") or {}
     devices = env.get("torch", {}).get("devices") or []
@@ -266,7 +263,7 @@ def _fmt(value) -> str:
 
 def markdown(summary: dict) -> str:
     """The summary page: steps, correctness, issue 10's targets, trainer, and each benchmark's own table."""
-    from bench.report import markdown_table
+    from backpack_bench.report import markdown_table
 
     env = summary["env"]
     packages = env.get("packages", {})

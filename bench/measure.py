@@ -10,9 +10,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers import GPT2Config, PreTrainedModel
 
-from bench.configs import BenchSizes, build_models
-from bench.data import TokenBatches
-from bench.timing import interleaved_times, summarize, time_call
+from backpack_bench.configs import BenchSizes, build_models
+from backpack_bench.data import TokenBatches
+from backpack_bench.timing import interleaved_times, summarize, time_call
 
 GPT2_EOS = 50256
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")

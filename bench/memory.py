@@ -22,9 +22,6 @@ import os
 import subprocess
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 
 MEMORY_PATHS = ("fused", "materialized", "gpt2")
@@ -92,9 +89,9 @@ def train_step_peak(
     """Peak memory of one training step of one model (`path` in MEMORY_PATHS), measured in this process."""
     from transformers import GPT2LMHeadModel
 
-    from bench.configs import backpack_config, gpt2_config
-    from bench.data import TokenBatches
-    from bench.measure import make_optimizer, train_step
+    from backpack_bench.configs import backpack_config, gpt2_config
+    from backpack_bench.data import TokenBatches
+    from backpack_bench.measure import make_optimizer, train_step
     from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype)
@@ -138,7 +135,7 @@ def train_step_peak_isolated(**case) -> dict:
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # fixed threshold: big blocks are unmapped on free
     completed = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), json.dumps(case)],
+        [sys.executable, "-m", "backpack_bench.memory", json.dumps(case)],
         capture_output=True, text=True, env=env, check=False,
     )
     if completed.returncode != 0:

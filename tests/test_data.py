@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from backpack.tokenizer import gpt2_tokenizer
-from train import data as train_data
-from train.config import DataArguments, TrainArguments, gradient_accumulation_steps, parse_args
-from train.data import (
+from backpack_train import data as train_data
+from backpack_train.config import DataArguments, TrainArguments, gradient_accumulation_steps, parse_args
+from backpack_train.data import (
     PAD_TOKEN,
     check_data_source,
     collate_blocks,

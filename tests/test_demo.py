@@ -19,17 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from backpack.tokenizer import gpt2_tokenizer
+from backpack_demo.app import build_app, launch
+from configuration_backpack_gpt2 import BackpackGPT2Config
+from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_SENSES = 4
 N_POSITIONS = 64
-
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from backpack.tokenizer import gpt2_tokenizer  # noqa: E402
-from configuration_backpack_gpt2 import BackpackGPT2Config  # noqa: E402
-from demo.app import build_app, launch  # noqa: E402
-from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel  # noqa: E402
 
 
 def artifact_dir() -> Path:
@@ -67,7 +64,7 @@ def app_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """Headless Debian Chromium with a fresh profile and no background networking."""
-    from demo.browser import missing_browser, start_chromium
+    from backpack_demo.browser import missing_browser, start_chromium
 
     reason = missing_browser()
     if reason is not None:
@@ -81,7 +78,7 @@ def browser(tmp_path_factory):
 
 def shoot(driver, name: str) -> None:
     """Save a full-page screenshot as <artifact directory>/<name>.png."""
-    from demo.browser import screenshot
+    from backpack_demo.browser import screenshot
 
     screenshot(driver, artifact_dir() / f"{name}.png")
 
@@ -93,7 +90,7 @@ def test_demo_in_browser(app_url: str, browser) -> None:
     """Type a word, a sentence and a prompt; check each panel's output and the messages for bad input."""
     from selenium.webdriver.common.by import By
 
-    from demo.browser import (
+    from backpack_demo.browser import (
         assert_no_traceback,
         click,
         fill,
@@ -181,7 +178,7 @@ def test_demo_in_browser(app_url: str, browser) -> None:
 
 def test_errors_become_messages() -> None:
     """A toolkit ValueError is an input problem; anything else an internal error; never a traceback."""
-    from demo.app import shows_errors
+    from backpack_demo.app import shows_errors
 
     def bad_input(word):
         raise ValueError(f"unknown word {word!r}")
@@ -196,7 +193,7 @@ def test_errors_become_messages() -> None:
 
 def test_missing_default_model_is_explained(tmp_path, monkeypatch, capsys) -> None:
     """Without the nano export, the command says how to make one instead of failing."""
-    from demo import app
+    from backpack_demo import app
 
     monkeypatch.setattr(app, "DEFAULT_MODEL", tmp_path / "outputs" / "nano" / "model")
     assert app.main([]) == 2

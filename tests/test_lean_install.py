@@ -17,13 +17,12 @@ from unittest import mock
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from backpack._optional import OPTIONAL_LIBRARIES
+from backpack.tokenizer import gpt2_tokenizer
+from configuration_backpack_gpt2 import BackpackGPT2Config
+from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
-from backpack._optional import OPTIONAL_LIBRARIES  # noqa: E402
-from backpack.tokenizer import gpt2_tokenizer  # noqa: E402
-from configuration_backpack_gpt2 import BackpackGPT2Config  # noqa: E402
-from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Everything the extras bring (train, eval, demo, dev) that the core must do without.
 BLOCKED = ("scipy", "matplotlib", "gensim", "gradio", "datasets", "accelerate", "tensorboard", "selenium")

@@ -74,13 +74,13 @@ def cli():
 
 
 def evaluate():
-    from train.evaluate import load_model_and_tokenizer
+    from backpack_train.evaluate import load_model_and_tokenizer
 
     return describe(*load_model_and_tokenizer(repo_id))
 
 
 def demo():
-    import demo.app as app
+    import backpack_demo.app as app
 
     seen = {}
     app.build_app = lambda model, tokenizer, name: seen.update(model=model, tokenizer=tokenizer, name=name) or "app"

@@ -9,15 +9,14 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from backpack.cli import main
+from backpack.interventions import scale_sense
+from backpack.tokenizer import gpt2_tokenizer
+from backpack.words import load_model
+from configuration_backpack_gpt2 import BackpackGPT2Config
+from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
-from backpack.cli import main  # noqa: E402
-from backpack.interventions import scale_sense  # noqa: E402
-from backpack.tokenizer import gpt2_tokenizer  # noqa: E402
-from backpack.words import load_model  # noqa: E402
-from configuration_backpack_gpt2 import BackpackGPT2Config  # noqa: E402
-from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

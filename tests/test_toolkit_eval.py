@@ -2,17 +2,13 @@
 checked against direct computations (forward passes of the edited model; explicit cosines and Spearman).
 """
 
-import os
 import re
-import sys
 
 import pytest
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from backpack.bias import (  # noqa: E402
+from backpack.bias import (
     ESTIMATION_PROMPTS,
     EVALUATION_PROMPTS,
     PROFESSIONS,
@@ -20,17 +16,17 @@ from backpack.bias import (  # noqa: E402
     fill_prompt,
     format_bias_report,
 )
-from backpack.interventions import scale_sense  # noqa: E402
-from backpack.senses import read_senses, sense_logits, sense_vectors  # noqa: E402
-from backpack.similarity import (  # noqa: E402
+from backpack.interventions import scale_sense
+from backpack.senses import read_senses, sense_logits, sense_vectors
+from backpack.similarity import (
     builtin_datasets,
     format_similarity_table,
     load_pairs,
     similarity_table,
 )
-from backpack.tokenizer import gpt2_tokenizer  # noqa: E402
-from configuration_backpack_gpt2 import BackpackGPT2Config  # noqa: E402
-from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel  # noqa: E402
+from backpack.tokenizer import gpt2_tokenizer
+from configuration_backpack_gpt2 import BackpackGPT2Config
+from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 SENSE = 2
 

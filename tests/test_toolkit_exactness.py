@@ -8,16 +8,12 @@
 Each test prints its measured max error (run with ``-s`` to see them).
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from backpack.explain import explain_prediction  # noqa: E402
-from backpack.interventions import (  # noqa: E402
+from backpack.explain import explain_prediction
+from backpack.interventions import (
     active_interventions,
     knowledge_edit,
     predicted_scale_effect,
@@ -25,8 +21,8 @@ from backpack.interventions import (  # noqa: E402
     scale_sense,
     zero_sense,
 )
-from configuration_backpack_gpt2 import BackpackGPT2Config  # noqa: E402
-from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel  # noqa: E402
+from configuration_backpack_gpt2 import BackpackGPT2Config
+from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 VOCAB = 97
 TOLERANCE = 1e-5

@@ -6,15 +6,11 @@
 * under the cache, each generation step's logits equal a full forward with that step's δ.
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from backpack.topic import (  # noqa: E402
+from backpack.topic import (
     STRENGTH_DELTAS,
     TOPIC_BAGS,
     TopicController,
@@ -25,8 +21,8 @@ from backpack.topic import (  # noqa: E402
     topic_scores,
     topic_thresholds,
 )
-from configuration_backpack_gpt2 import BackpackGPT2Config  # noqa: E402
-from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel  # noqa: E402
+from configuration_backpack_gpt2 import BackpackGPT2Config
+from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 VOCAB = 128
 BAG = [3, 4, 5]

@@ -203,7 +203,7 @@ def test_push_to_hub_publishes_each_export_through_hub_upload(tmp_path, data_cac
 
 
 def test_missing_data_file_fails_before_any_model_is_built(tmp_path, monkeypatch):
-    from train import pretrain
+    from backpack_train import pretrain
 
     monkeypatch.setattr(pretrain, "build_model", lambda *_: pytest.fail("a model was built"))
     missing = tmp_path / "missing.txt"
@@ -242,8 +242,8 @@ def test_stop_at_step_zero_saves_the_initial_state_and_no_validation_records_no_
 
 
 def test_a_used_output_folder_is_refused_before_anything_is_touched(tmp_path, monkeypatch):
-    from train import pretrain
-    from train.run_folder import OutputDirError
+    from backpack_train import pretrain
+    from backpack_train.run_folder import OutputDirError
 
     monkeypatch.setattr(pretrain, "prepare_datasets", lambda *_, **__: pytest.fail("data was prepared"))
     monkeypatch.setattr(pretrain, "build_model", lambda *_: pytest.fail("a model was built"))
@@ -259,7 +259,7 @@ def test_a_used_output_folder_is_refused_before_anything_is_touched(tmp_path, mo
 
 
 def test_overwrite_output_dir_removes_only_the_earlier_run(tmp_path):
-    from train.run_folder import clear_output_dir
+    from backpack_train.run_folder import clear_output_dir
 
     for name in ("checkpoints/checkpoint_0", "model", "logs/pretrain"):
         (tmp_path / name).mkdir(parents=True)
@@ -272,7 +272,7 @@ def test_overwrite_output_dir_removes_only_the_earlier_run(tmp_path):
 
 
 def test_bad_data_files_are_named_before_any_model_is_built(tmp_path, monkeypatch):
-    from train import pretrain
+    from backpack_train import pretrain
 
     monkeypatch.setattr(pretrain, "build_model", lambda *_: pytest.fail("a model was built"))
     cases = {"empty.txt": (b"", "data file is empty"), "latin1.txt": ("café".encode("latin-1"), "not UTF-8"),
@@ -286,7 +286,7 @@ def test_bad_data_files_are_named_before_any_model_is_built(tmp_path, monkeypatc
 
 
 def test_warmup_longer_than_the_run_is_scaled_down_with_a_note():
-    from train.config import DataArguments, TrainArguments, parse_args, shorten_warmup
+    from backpack_train.config import DataArguments, TrainArguments, parse_args, shorten_warmup
 
     _, args = parse_args((DataArguments, TrainArguments), ["--config", "nano", "--max_steps", "10"])
     assert args.warmup_steps == 12

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 
-from train import faults
+from backpack_train import faults
 
 PROBE_BYTES = 2 * 1024 * 1024  # enough to hit a full disk or a file-size limit that stopped a real writer
 

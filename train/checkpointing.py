@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, fields
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from train import faults
-from train.atomic import (
+from backpack_train import faults
+from backpack_train.atomic import (
     describe_os_error,
     file_sha256,
     fsync_tree,
@@ -45,7 +45,7 @@ from train.atomic import (
     rename_into_place,
     write_json_atomically,
 )
-from train.rng import load_rng_state, rng_file_name, save_rng_state
+from backpack_train.rng import load_rng_state, rng_file_name, save_rng_state
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = "checkpoint.json"

@@ -25,7 +25,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from train.config import DataArguments
+from backpack_train.config import DataArguments
 
 logger = logging.getLogger(__name__)
 

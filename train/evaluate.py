@@ -11,23 +11,16 @@ token, so every token after the first is scored once).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = _ROOT  # see train/pretrain.py: train/ must not shadow other modules
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
-from accelerate import Accelerator  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from backpack.loading import load_model  # noqa: E402
-from train.config import DataArguments, parse_args  # noqa: E402
-from train.data import check_data_source, collate_blocks, prepare_datasets  # noqa: E402
-from train.loss import evaluate  # noqa: E402
+from backpack.loading import load_model
+from backpack_train.config import DataArguments, parse_args
+from backpack_train.data import check_data_source, collate_blocks, prepare_datasets
+from backpack_train.loss import evaluate
 
 
 @dataclass

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from accelerate import Accelerator
 from transformers.utils import logging as hf_logging
 
-from train import faults
-from train.atomic import fsync_dir, fsync_tree, hidden_sibling, write_json_atomically
+from backpack_train import faults
+from backpack_train.atomic import fsync_dir, fsync_tree, hidden_sibling, write_json_atomically
 
 FINAL_EXPORT_DIR = "model"
 

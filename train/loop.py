@@ -3,7 +3,7 @@
 One optimizer step = ``gradient_accumulation_steps`` micro-batches on every process; the loss shown and logged
 is their mean over all processes. The loop validates every ``eval_interval`` steps, saves a checkpoint
 (train/checkpointing.py: complete or not at all) every ``save_interval`` steps and at the end, stops cleanly
-(with a checkpoint) when the caller's :class:`~train.interrupt.StopOnSignal` saw SIGTERM / SIGINT, and stops
+(with a checkpoint) when the caller's :class:`~backpack_train.interrupt.StopOnSignal` saw SIGTERM / SIGINT, and stops
 without saving on a NaN / inf loss, so the last checkpoint on disk is a good one.
 """
 
@@ -26,8 +26,8 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from train import faults
-from train.checkpointing import (
+from backpack_train import faults
+from backpack_train.checkpointing import (
     ResumePoint,
     TrainingState,
     checkpoints_root,
@@ -35,13 +35,13 @@ from train.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from train.config import TrainArguments, final_step
-from train.data import make_dataloaders
-from train.export import export_model
-from train.interrupt import StopOnSignal
-from train.loss import evaluate, next_token_loss
-from train.model import build_optimizer, count_parameters
-from train.run_folder import LogHistory
+from backpack_train.config import TrainArguments, final_step
+from backpack_train.data import make_dataloaders
+from backpack_train.export import export_model
+from backpack_train.interrupt import StopOnSignal
+from backpack_train.loss import evaluate, next_token_loss
+from backpack_train.model import build_optimizer, count_parameters
+from backpack_train.run_folder import LogHistory
 
 
 class NonFiniteLossError(RuntimeError):

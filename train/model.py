@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import GPT2LMHeadModel, PretrainedConfig, PreTrainedModel
 
+from backpack_train.config import TrainArguments
 from configuration_backpack_gpt2 import BackpackGPT2Config
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
-from train.config import TrainArguments
 
 GPT2_EOS_TOKEN_ID = 50256  # <|endoftext|>: between documents, and the pad token for generation
 

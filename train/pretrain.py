@@ -17,20 +17,12 @@ import os
 import sys
 import time
 
-# Run as a script, Python puts train/ first on sys.path, where config.py, data.py ... would shadow other
-# modules; the repository root goes there instead, so `train.*` and the model files import from a clone.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+from accelerate import PartialState
+from accelerate.utils import set_seed
 
-from accelerate import PartialState  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-
-from backpack.tokenizer import gpt2_tokenizer  # noqa: E402
-from train.checkpointing import CheckpointError, ResumePoint, describe_newest, find_resume_point  # noqa: E402
-from train.config import (  # noqa: E402
+from backpack.tokenizer import gpt2_tokenizer
+from backpack_train.checkpointing import CheckpointError, ResumePoint, describe_newest, find_resume_point
+from backpack_train.config import (
     DataArguments,
     TrainArguments,
     as_dict,
@@ -39,12 +31,12 @@ from train.config import (  # noqa: E402
     parse_args,
     shorten_warmup,
 )
-from train.data import check_data_source, prepare_datasets  # noqa: E402
-from train.export import FINAL_EXPORT_DIR, export_final_model, restore_final_model  # noqa: E402
-from train.interrupt import SecondSignal, StopOnSignal  # noqa: E402
-from train.loop import NonFiniteLossError, build_accelerator, train, use_cpu  # noqa: E402
-from train.model import build_model  # noqa: E402
-from train.run_folder import OutputDirError, check_output_dir, clear_output_dir  # noqa: E402
+from backpack_train.data import check_data_source, prepare_datasets
+from backpack_train.export import FINAL_EXPORT_DIR, export_final_model, restore_final_model
+from backpack_train.interrupt import SecondSignal, StopOnSignal
+from backpack_train.loop import NonFiniteLossError, build_accelerator, train, use_cpu
+from backpack_train.model import build_model
+from backpack_train.run_folder import OutputDirError, check_output_dir, clear_output_dir
 
 
 def exported_step(folder: str) -> int | None:

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from accelerate import Accelerator
 
-from train.atomic import remove_tree, write_bytes_atomically
-from train.checkpointing import CHECKPOINTS_DIR
-from train.export import FINAL_EXPORT_DIR
+from backpack_train.atomic import remove_tree, write_bytes_atomically
+from backpack_train.checkpointing import CHECKPOINTS_DIR
+from backpack_train.export import FINAL_EXPORT_DIR
 
 LOG_HISTORY_FILE = "log_history.jsonl"
 LOGS_DIR = "logs"
