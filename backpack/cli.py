@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from ._optional import MissingExtraError
+from .corpora import gensim_test_file
 from .words import SUBWORD_POLICIES, check_finite, load_model, parse_word_arg
 
 
@@ -372,14 +373,13 @@ def run_similarity(args) -> None:
     from .similarity import (
         evaluate_similarity,
         format_similarity_table,
-        gensim_dataset_path,
         load_pairs,
         ordered_datasets,
     )
 
     # Every ratings file is read (and a malformed one refused, naming its line) before the model is loaded.
-    paths = {"SimLex999": args.simlex or gensim_dataset_path("simlex999.txt"),
-             "WordSim353": args.wordsim or gensim_dataset_path("wordsim353.tsv")}
+    paths = {"SimLex999": args.simlex or gensim_test_file("simlex999.txt"),
+             "WordSim353": args.wordsim or gensim_test_file("wordsim353.tsv")}
     paths.update({name: path for name, path in (("RG65", args.rg65), ("SimVerb3500", args.simverb)) if path})
     pairs = {name: load_pairs(paths[name]) for name in ordered_datasets(paths)}
     model, tokenizer = load_model(args.model, args.device)

@@ -23,24 +23,16 @@ from dataclasses import dataclass
 import torch
 
 from ._optional import import_optional
+from .corpora import gensim_test_file
 from .words import SubwordPolicy, check_finite_tensor, check_policy, flat_ids, pool_subwords, resolve_words, senses_eval
 
 DATASET_ORDER: tuple[str, ...] = ("SimLex999", "SimVerb3500", "RG65", "WordSim353")
 """Table 4's column order."""
 
 
-def gensim_dataset_path(name: str) -> str:
-    """Path of ``simlex999.txt`` / ``wordsim353.tsv`` inside gensim's test data."""
-    gensim = import_optional("gensim", f"the built-in {name} file (shipped inside gensim)")
-    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name} is not in this gensim installation ({path})")
-    return path
-
-
 def builtin_datasets() -> dict[str, str]:
     """The datasets available without any download: SimLex999 and WordSim353 from gensim."""
-    return {"SimLex999": gensim_dataset_path("simlex999.txt"), "WordSim353": gensim_dataset_path("wordsim353.tsv")}
+    return {"SimLex999": gensim_test_file("simlex999.txt"), "WordSim353": gensim_test_file("wordsim353.tsv")}
 
 
 MIN_PAIRS = 3

@@ -40,7 +40,6 @@ ACCELERATE_MARKERS = ("optimizer.bin", "optimizer.safetensors", "scheduler.bin",
 TRAINING_STATE_FILE = "training_state.json"
 MANIFEST_FILE = "checkpoint.json"
 LEGACY_TRAINING_STATE_FILE = "custom_checkpoint_0.pkl"  # older trainers: Accelerate's registered-object pickle
-GPT2_EOS = 50256
 
 
 @dataclass
@@ -102,20 +101,25 @@ def _config_candidates(folder: Path) -> list[Path]:
 
 
 def config_from_training_args(args: dict) -> BackpackGPT2Config:
-    """The configuration the trainer builds from its arguments (mirrors ``train/model.py:model_config``)."""
+    """The configuration the trainer built from these arguments, by the trainer's own builder (`model_config`)."""
+    from dataclasses import fields
+
+    from backpack_train.config import TrainArguments, apply_size
+    from backpack_train.model import model_config
+
     if args.get("model", "backpack") != "backpack":
         raise CheckpointError(f"the run trained model={args.get('model')!r}, not a Backpack; this tool publishes "
                               "Backpack GPT-2 models")
-    missing = [key for key in ("n_embd", "n_layer", "n_head") if key not in args]
-    if missing:
-        raise CheckpointError(f"the run's {RUN_FILE} lacks the model shape ({', '.join(missing)})")
-    dropout = args.get("dropout", 0.1)
-    return BackpackGPT2Config(
-        vocab_size=args.get("vocab_size", 50264), n_positions=args.get("n_positions", 512), n_embd=args["n_embd"],
-        n_layer=args["n_layer"], n_head=args["n_head"], num_senses=args.get("num_senses", 16),
-        sense_intermediate_scale=args.get("sense_intermediate_scale", 4), resid_pdrop=dropout, embd_pdrop=dropout,
-        attn_pdrop=dropout, bos_token_id=GPT2_EOS, eos_token_id=GPT2_EOS, pad_token_id=GPT2_EOS,
-    )
+    if "size" not in args:  # runs before the size registry recorded their shape key by key
+        missing = [key for key in ("n_embd", "n_layer", "n_head") if key not in args]
+        if missing:
+            raise CheckpointError(f"the run's {RUN_FILE} lacks the model shape ({', '.join(missing)})")
+    known = {field.name for field in fields(TrainArguments)}
+    train_args = TrainArguments(**{key: value for key, value in args.items() if key in known})
+    if "size" not in args:
+        train_args.n_positions = args.get("n_positions", 512)
+    apply_size(train_args)
+    return model_config(train_args)
 
 
 def _load_raw_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -304,7 +308,7 @@ def _load_accelerate_checkpoint(source: Path) -> Checkpoint:
 
         model.generation_config = GenerationConfig.from_pretrained(export_dir)
     else:  # what the trainer sets (train/model.py): the pipeline's default length would run past the positions
-        model.generation_config.pad_token_id = config.pad_token_id
+        model.generation_config.pad_token_id = config.eos_token_id
         model.generation_config.max_length = config.n_positions
 
     training_state = _read_training_state(source)

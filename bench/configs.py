@@ -7,39 +7,26 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from configuration_backpack_gpt2 import MODEL_SIZES as REGISTERED_SIZES
 from configuration_backpack_gpt2 import BackpackGPT2Config
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
-# Paper, Table 9 (plus "tiny", small enough for the smoke test). All Backpacks use 16 senses.
+# The registry's sizes (paper Table 9, plus nano), and "tiny" for smoke runs: nano with 2 layers and 2 heads.
+# Every Backpack has 16 senses and GPT-2's padded vocabulary (the configuration's defaults).
 MODEL_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"n_embd": 128, "n_layer": 2, "n_head": 2},
-    "micro": {"n_embd": 384, "n_layer": 6, "n_head": 6},
-    "mini": {"n_embd": 640, "n_layer": 8, "n_head": 8},
-    "small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+    **REGISTERED_SIZES, "tiny": {**REGISTERED_SIZES["nano"], "n_layer": 2, "n_head": 2},
 }
-NUM_SENSES = 16
-VOCAB_SIZE = 50264  # GPT-2's 50,257 subwords padded to a multiple of 8, as published
 BASE_POSITIONS = 512
 
 
 def backpack_config(name: str, n_positions: int = BASE_POSITIONS, attn: str = "sdpa") -> BackpackGPT2Config:
-    """Backpack configuration of a named size."""
-    return BackpackGPT2Config(
-        num_senses=NUM_SENSES, vocab_size=VOCAB_SIZE, n_positions=n_positions, attn_implementation=attn,
-        **MODEL_SIZES[name],
-    )
+    """Backpack configuration of a named size, reading `n_positions` positions."""
+    return BackpackGPT2Config(**{**MODEL_SIZES[name], "n_positions": n_positions}, attn_implementation=attn)
 
 
 def gpt2_config(name: str, n_positions: int = BASE_POSITIONS, attn: str = "sdpa") -> GPT2Config:
-    """The matched Transformer: GPT-2 with the Backpack's contextualization-network size.
-
-    `scale_attn_by_inverse_layer_idx` matches the Backpack's (published) setting so that the GPT-2 stacks are
-    identical.
-    """
-    return GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=n_positions, scale_attn_by_inverse_layer_idx=True,
-        attn_implementation=attn, **MODEL_SIZES[name],
-    )
+    """The matched Transformer: exactly the Backpack's contextualization network (`contextualization_config`)."""
+    return backpack_config(name, n_positions, attn).contextualization_config()
 
 
 def build_models(

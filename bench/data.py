@@ -2,50 +2,17 @@
 
 The Backpack computes its sense network once per *distinct* token of a batch, and real text repeats tokens
 (a 8 x 512 batch of Wikipedia has about 1,450 distinct ids) while uniformly random ids barely do, so random ids
-would overstate the Backpack's cost. The texts are the ones gensim ships for its own tests, so no download.
+would overstate the Backpack's cost. The texts are the ones gensim ships for its own tests, so no download, read by
+`backpack.corpora` exactly as the trainer's embedded corpus reads them.
 """
 
 from __future__ import annotations
 
-import bz2
-import os
-from collections.abc import Iterator
-
 import torch
 
-WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-LEE_SAMPLE = "lee_background.cor"
+from backpack.corpora import lee_documents, wikipedia_articles
+
 DATA_SOURCES = ("wiki", "lee", "random")
-
-
-def gensim_test_file(name: str) -> str:
-    """Path of a file in gensim's shipped test data."""
-    try:
-        import gensim
-    except ImportError as error:
-        raise ImportError("real-text benchmarks need gensim's shipped samples: pip install gensim "
-                          "(or pass --data random)") from error
-    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"gensim test file missing: {path}")
-    return path
-
-
-def wiki_texts(min_chars: int = 2000) -> Iterator[str]:
-    """Plain text of the articles in gensim's Wikipedia dump sample (redirects and stubs skipped)."""
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
-    with bz2.open(gensim_test_file(WIKI_SAMPLE), "rb") as dump:
-        for _title, markup, _page_id in extract_pages(dump):
-            text = filter_wiki(markup).strip()
-            if len(text) >= min_chars:
-                yield text
-
-
-def lee_texts() -> Iterator[str]:
-    """The Lee background corpus (news articles, one per line)."""
-    with open(gensim_test_file(LEE_SAMPLE), encoding="utf-8", errors="replace") as corpus:
-        yield from (line.strip() for line in corpus if line.strip())
 
 
 def token_stream(source: str, min_tokens: int, vocab_size: int, seed: int = 0) -> torch.LongTensor:
@@ -64,7 +31,8 @@ def token_stream(source: str, min_tokens: int, vocab_size: int, seed: int = 0) -
     ids: list[int] = []
     while len(ids) < min_tokens:
         before = len(ids)
-        for text in wiki_texts() if source == "wiki" else lee_texts():
+        texts = (text for _title, text in wikipedia_articles()) if source == "wiki" else lee_documents()
+        for text in texts:
             ids.extend(tokenizer(text + "\n\n")["input_ids"])
             if len(ids) >= min_tokens:
                 break

@@ -6,7 +6,7 @@
 #   bash scripts/quickstart.sh                 # Backpack
 #   bash scripts/quickstart.sh --model gpt2    # the GPT-2 baseline on the same budget (no senses to show)
 #
-# Extra arguments go to train/pretrain.py (e.g. --max_steps 50). About 4 minutes on an idle 2-core CPU.
+# Extra arguments go to train/pretrain.py (e.g. --max_steps 50). Run time: README.md, "Main command".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -11,77 +11,35 @@ saved to disk under a key of everything that produced them, so a second run load
 
 from __future__ import annotations
 
-import bz2
 import codecs
 import glob
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 
 import datasets
 import torch
 from torch.utils.data import DataLoader
 
+from backpack.corpora import LEE_SAMPLE, WIKI_SAMPLE, gensim_test_file, lee_documents, wikipedia_articles
 from backpack_train.config import DataArguments
 
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN = -100  # fills the end of a map batch's last block; becomes an ignored target
 FORMAT_VERSION = 1  # bump when packing changes, so stale caches are not reused
-GENSIM_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-GENSIM_LEE_FILE = "lee_background.cor"
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 # --- sources ---------------------------------------------------------------------------------------------------
 
 
-def gensim_test_data(name: str) -> str:
-    """Path of a file that ships inside gensim's wheel (gensim/test/test_data/)."""
-    try:
-        import gensim
-    except ImportError as error:
-        raise ImportError("the embedded default corpus needs gensim: pip install gensim") from error
-    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"gensim's wheel lacks {name} (looked at {path}); pass --dataset or --data_files")
-    return path
-
-
-def wiki_article_text(markup: str) -> str:
-    """Plain text of one article's wiki markup: gensim's ``filter_wiki`` plus bold/italic quotes and headings."""
-    from gensim.corpora.wikicorpus import filter_wiki
-
-    text = filter_wiki(markup)
-    text = re.sub(r"'{2,}", "", text)  # ''italic'' and '''bold'''
-    text = re.sub(r"^\s*=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.MULTILINE)  # == Heading == -> Heading
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
 def embedded_documents() -> list[dict]:
-    """The offline default corpus: gensim's Wikipedia sample articles and the Lee news corpus.
-
-    Redirects, non-article namespaces and stubs shorter than gensim's ``ARTICLE_MIN_WORDS`` are dropped, as
-    gensim's ``WikiCorpus`` does.
-    """
-    from gensim.corpora.wikicorpus import ARTICLE_MIN_WORDS, extract_pages
-
-    documents = []
-    with bz2.open(gensim_test_data(GENSIM_WIKI_FILE), "rb") as handle:
-        for title, markup, _page_id in extract_pages(handle, filter_namespaces=("0",)):
-            if markup.lstrip().lower().startswith("#redirect"):
-                continue
-            text = wiki_article_text(markup)
-            if len(text.split()) >= ARTICLE_MIN_WORDS:
-                documents.append({"text": text, "source": f"wikipedia:{title}"})
-    with open(gensim_test_data(GENSIM_LEE_FILE), encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle):
-            if line.strip():
-                documents.append({"text": line.strip(), "source": f"lee:{number}"})
+    """The offline default corpus: gensim's Wikipedia sample articles and the Lee news corpus (backpack.corpora)."""
+    documents = [{"text": text, "source": f"wikipedia:{title}"} for title, text in wikipedia_articles()]
+    documents += [{"text": text, "source": f"lee:{number}"} for number, text in enumerate(lee_documents())]
     return documents
 
 
@@ -156,8 +114,8 @@ def check_data_source(args: DataArguments) -> None:
         for path in resolve_data_files(args.data_files):
             check_data_file(path, max_bytes=1 << 20)
     elif args.dataset is None:
-        for name in (GENSIM_WIKI_FILE, GENSIM_LEE_FILE):
-            gensim_test_data(name)
+        for name in (WIKI_SAMPLE, LEE_SAMPLE):
+            gensim_test_file(name)
     if not 0 < args.validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {args.validation_fraction}")
 
@@ -275,7 +233,7 @@ def _cache_key(args: DataArguments, tokenizer, block_size: int) -> str:
     elif args.dataset:
         source = [args.dataset, args.dataset_config]
     else:
-        source = ["embedded", GENSIM_WIKI_FILE, GENSIM_LEE_FILE, os.path.getsize(gensim_test_data(GENSIM_WIKI_FILE))]
+        source = ["embedded", WIKI_SAMPLE, LEE_SAMPLE, os.path.getsize(gensim_test_file(WIKI_SAMPLE))]
     spec = {"source": source, "text_column": args.text_column, "sample_by": args.text_sample_by,
             "validation_fraction": args.validation_fraction, "max_documents": args.max_documents,
             "data_seed": args.data_seed, "block_size": block_size, "vocab": len(tokenizer),

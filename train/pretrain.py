@@ -1,11 +1,16 @@
 """Pretrain a Backpack GPT-2 (or the GPT-2 baseline) with Accelerate.
 
-    accelerate launch train/pretrain.py --config train/configs/small.yaml --dataset openwebtext
     python train/pretrain.py --config nano                       # one process, embedded offline corpus
-    accelerate launch --cpu --num_processes 2 train/pretrain.py --config nano --max_steps 50
     python train/pretrain.py --config nano --model gpt2           # the Transformer baseline, same loop and data
+    accelerate launch --config_file train/accelerate_configs/multi_gpu.yaml --num_processes 4 \
+        train/pretrain.py --config small --dataset openwebtext
+    accelerate launch --config_file train/accelerate_configs/cpu.yaml train/pretrain.py --config nano --cpu true
+                                                                  # 2 CPU processes (gloo); `--cpu --num_processes 2`
+                                                                  # alone starts one with Accelerate 1.x
+    backpack-pretrain --config nano                               # the same, as the installed console script
 
-Any key of train/config.py can follow as ``--key value``; ``--resume latest`` continues a run exactly.
+The package must be installed (`pip install -e '.[train]'`): this folder is the `backpack_train` package. Any key
+of train/config.py can follow as ``--key value``; ``--resume latest`` continues a run exactly.
 Exit status: 0 done (or stopped by a first SIGTERM / Ctrl-C after saving), 1 a clear error (non-finite loss, a
 failed save, a bad checkpoint, a used output folder), 128 + N a second signal N.
 """
