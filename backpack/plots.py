@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from ._optional import import_optional
 from .explain import Explanation
+from .files import atomic_file
 from .senses import SenseReadout
 
 matplotlib = import_optional("matplotlib", "figures (backpack.plots, the command line's --png)")
@@ -118,18 +118,8 @@ def save_figure(figure: Figure, path: str, dpi: int = 120) -> str:
     """
     try:
         target = check_output_path(path)
-        temporary = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        # os.open with 0o666 lets the umask set the permissions, as for any file the user writes.
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                figure.savefig(handle, format=target.suffix[1:].lower() or "png", dpi=dpi, bbox_inches="tight")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        with atomic_file(target, "wb") as handle:
+            figure.savefig(handle, format=target.suffix[1:].lower() or "png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(figure)
     return str(path)

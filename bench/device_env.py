@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from backpack_bench.atomic import write_json
+from backpack.files import write_json_atomically
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(), "packages": package_versions(), "nvidia_smi": nvidia_smi(),
         "torch": torch_devices(),
     }
-    write_json(args.json_path, environment)
+    write_json_atomically(args.json_path, environment, indent=1)
     print(environment)
     return environment
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from backpack_bench.atomic import write_json
+from backpack.files import write_json_atomically
 from backpack_bench.measure import cache_argument, describe_error
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
@@ -199,10 +199,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         except Exception as error:  # one failing check must not hide the others
             results[name] = {"error": describe_error(error)}
         results[name]["seconds"] = time.perf_counter() - started
-        write_json(args.json_path, results)
+        write_json_atomically(args.json_path, results, indent=1)
         print(f"{name}: {results[name]}", flush=True)
     results["complete"] = True
-    write_json(args.json_path, results)
+    write_json_atomically(args.json_path, results, indent=1)
     return results
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
-from backpack_bench.atomic import write_json, write_text
+from backpack.files import write_json_atomically, write_text_atomically
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -327,8 +327,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = summarize(args.folders)
     out = args.out or args.folders[0]
     page = markdown(summary)
-    write_json(os.path.join(out, "summary.json"), {k: v for k, v in summary.items() if k != "_bench"})
-    write_text(os.path.join(out, "summary.md"), page)
+    recorded = {key: value for key, value in summary.items() if key != "_bench"}
+    write_json_atomically(os.path.join(out, "summary.json"), recorded, indent=1)
+    write_text_atomically(os.path.join(out, "summary.md"), page)
     print(page)
     return summary
 

@@ -29,7 +29,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from backpack_bench.atomic import write_json
+from backpack.files import write_json_atomically
 from backpack_bench.configs import MODEL_SIZES, BenchSizes, build_models, default_sizes, parameter_count
 from backpack_bench.data import DATA_SOURCES, TokenBatches
 from backpack_bench.measure import (
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None, sizes: BenchSizes | None = None) -> 
     """Run, print the markdown table, write JSON (and the chart) if asked; returns the results."""
     args = parse_args(argv)
     sizes = override_sizes(sizes or default_sizes(args.quick, args.device), args.size)
-    on_partial = (lambda partial: write_json(args.json_path, partial)) if args.json_path else None
+    on_partial = (lambda partial: write_json_atomically(args.json_path, partial, indent=1)) if args.json_path else None
     results = run_benchmarks(args, sizes, on_partial)
     meta = results["meta"]
     print(f"\nBackpack-{args.config} vs GPT-2 ({meta['device_name']}, {meta['dtype']}, {meta['attn_implementation']}, "
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None, sizes: BenchSizes | None = None) -> 
     for note in sizes.notes:
         print(f"\nNote: {note}")
     if args.json_path:
-        write_json(args.json_path, results)
+        write_json_atomically(args.json_path, results, indent=1)
     if args.plot:
         plot_ratios(results["ratios"], args.plot, f"Backpack-{args.config} / GPT-2, {meta['device_name']}")
     return results

@@ -15,18 +15,10 @@ import os
 import shutil
 import time
 
+from backpack.files import atomic_file, fsync_dir
 from backpack_train import faults
 
 PROBE_BYTES = 2 * 1024 * 1024  # enough to hit a full disk or a file-size limit that stopped a real writer
-
-
-def fsync_dir(path: str) -> None:
-    """Flush a folder's entries (new, renamed or removed names) to the disk."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def fsync_file(path: str) -> None:
@@ -51,20 +43,9 @@ def hidden_sibling(path: str, tag: str) -> str:
 
 def write_bytes_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``."""
-    temporary = hidden_sibling(path, "tmp")
     faults.at_file("before", path)
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        faults.at_file("during", path, written=temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    with atomic_file(path, "wb", on_written=lambda temporary: faults.at_file("during", path, written=temporary)) as out:
+        out.write(data)
     faults.at_file("after", path)
 
 
