@@ -15,7 +15,26 @@ from typing import Any
 
 from transformers import AutoConfig, GPT2Config
 
-BACKPACK_CLASS_NAMES = ("BackpackGPT2LMHeadModel", "BackpackGPT2Model", "BackpackGPT2Config")
+BACKPACK_MODEL_TYPE = "backpack-gpt2"
+BACKPACK_NAMES = ("BackpackGPT2LMHeadModel", "BackpackGPT2Model", "BackpackGPT2Config", "modeling_backpack_gpt2",
+                  "configuration_backpack_gpt2")
+
+
+def is_backpack_config(config_dict: dict) -> bool:
+    """Whether a raw ``config.json`` describes a Backpack GPT-2, read without running any of its code.
+
+    True for ``"model_type": "backpack-gpt2"`` (what this package saves), and for ``"model_type": "gpt2"`` whose
+    ``architectures`` or ``auto_map`` name the Backpack classes or modules (the published checkpoint).
+    """
+    model_type = config_dict.get("model_type")
+    if model_type == BACKPACK_MODEL_TYPE:
+        return True
+    if model_type != "gpt2":
+        return False
+    auto_map = config_dict.get("auto_map") or {}
+    named = [*(config_dict.get("architectures") or []), *(auto_map.values() if isinstance(auto_map, dict) else [])]
+    return any(backpack_name in str(name) for name in named for backpack_name in BACKPACK_NAMES)
+
 
 # The one registry of model sizes: the paper's Table 9 (micro, mini, small; 16 senses, 512 positions) and nano, a
 # CPU-sized Backpack for the offline quickstart. The trainer's configs, the benchmark and the Hub tool all read it.
@@ -25,13 +44,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "mini": {"n_embd": 640, "n_layer": 8, "n_head": 8, "n_positions": 512},  # 100M (70M)
     "small": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 512},  # 170M (124M), the published size
 }
-
-
-def names_backpack_classes(config_dict: dict) -> bool:
-    """Whether a raw config dict names the Backpack classes (`architectures` or `auto_map`)."""
-    auto_map = config_dict.get("auto_map") or {}
-    named = list(config_dict.get("architectures") or []) + [str(target) for target in auto_map.values()]
-    return any(name.rsplit(".", 1)[-1] in BACKPACK_CLASS_NAMES for name in named)
 
 
 class BackpackGPT2Config(GPT2Config):
@@ -57,7 +69,7 @@ class BackpackGPT2Config(GPT2Config):
         ValueError: if `n_embd` is not divisible by `num_senses` or by `n_head`.
     """
 
-    model_type = "backpack-gpt2"
+    model_type = BACKPACK_MODEL_TYPE
 
     def __init__(
         self,
@@ -107,7 +119,7 @@ class BackpackGPT2Config(GPT2Config):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The raw config, with the published checkpoint's ``"model_type": "gpt2"`` read as this class's type."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") == "gpt2" and names_backpack_classes(config_dict):
+        if config_dict.get("model_type") == "gpt2" and is_backpack_config(config_dict):
             config_dict = {**config_dict, "model_type": cls.model_type}
         return config_dict, kwargs
 

@@ -481,21 +481,29 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
     # --- senses ---------------------------------------------------------------------------------------------
 
     def compute_senses(
-        self, input_ids: torch.LongTensor | None, word_embeddings: torch.Tensor | None = None
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
         """C(x) for every position, with any sense edits applied: (batch, seq) -> (batch, k, seq, d).
 
-        From the precomputed table when there is one (inference), otherwise from `word_embeddings` (E x, computed
-        from `input_ids` if not given). Positions given only as embeddings have no word, so sense edits and the
-        table do not apply to them. Every position is computed separately (no de-duplication), so that shapes
-        never depend on the data: a decoding step and a training step each capture as one graph.
+        From the precomputed table when there is one (inference), otherwise from the word embeddings E x, or from
+        `inputs_embeds` when the positions are given as vectors (no word: sense edits and the table do not apply).
+        On the GPU and under `torch.compile` every position is computed on its own, so that no shape depends on
+        the data and a decoding or training step captures as one graph. Eager CPU inference on several tokens
+        computes each distinct word once instead (a host-side `unique`, no device to wait for): real text repeats
+        words, and the sense network is the Backpack's costliest per-token part.
         """
-        if self.sense_table is not None and input_ids is not None and not (self.training and torch.is_grad_enabled()):
+        inference = not (self.training and torch.is_grad_enabled())
+        if inputs_embeds is not None:
+            senses = self.sense_network(inputs_embeds)
+        elif self.sense_table is not None and inference:
             senses = self.sense_table[:, input_ids].transpose(0, 1)  # (k, batch, seq, d) -> (batch, k, seq, d)
+        elif (inference and input_ids.device.type == "cpu" and input_ids.shape[1] > 1
+              and not torch.compiler.is_compiling()):
+            words, positions = torch.unique(input_ids, return_inverse=True)
+            word_senses = self.sense_network(self.word_embeddings(words)[None])[0]  # (k, words, d)
+            senses = word_senses[:, positions].transpose(0, 1)  # (k, batch, seq, d) -> (batch, k, seq, d)
         else:
-            if word_embeddings is None:
-                word_embeddings = self.word_embeddings(input_ids)
-            senses = self.sense_network(word_embeddings)
+            senses = self.sense_network(self.word_embeddings(input_ids))
         if input_ids is not None:
             for token_id, edited in self.sense_edits.items():
                 is_word = (input_ids == token_id)[:, None, :, None]
@@ -678,7 +686,7 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
 
         # 1. Senses C(x_j) of the new tokens: (batch, k, seq, d).
-        senses = self.compute_senses(input_ids, word_embeddings)
+        senses = self.compute_senses(input_ids, inputs_embeds)
 
         # Which keys each query may see. A mask is needed for padding, for a static cache's unused slots and for
         # several new tokens after cached ones; otherwise causality from position 0 (or one new token seeing every

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
+from configuration_backpack_gpt2 import is_backpack_config
+
 CONFIG_FILE = "config.json"
-BACKPACK_MODEL_TYPE = "backpack-gpt2"
-BACKPACK_CLASS = "BackpackGPT2LMHeadModel"
-BACKPACK_MODULE = "modeling_backpack_gpt2"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -38,22 +37,6 @@ IGNORED_UNEXPECTED = re.compile(r"attn\.(masked_)?bias$")
 
 class ModelLoadError(ValueError):
     """The model can't be loaded: the message names the path, Hub id, file or weights at fault."""
-
-
-def is_backpack_config(config: dict) -> bool:
-    """Whether a raw ``config.json`` describes a Backpack GPT-2.
-
-    True for ``model_type: "backpack-gpt2"`` (what the package saves), and for ``model_type: "gpt2"`` whose
-    ``architectures`` or ``auto_map`` name the Backpack class or module (the published ``stanfordnlp/backpack-gpt2``).
-    """
-    model_type = config.get("model_type")
-    if model_type == BACKPACK_MODEL_TYPE:
-        return True
-    if model_type != "gpt2":
-        return False
-    auto_map = config.get("auto_map") or {}
-    names = [*(config.get("architectures") or []), *(auto_map.values() if isinstance(auto_map, dict) else [])]
-    return any(BACKPACK_CLASS in str(name) or BACKPACK_MODULE in str(name) for name in names)
 
 
 def _is_offline() -> bool:

@@ -40,6 +40,7 @@ def build_models(
     torch.manual_seed(seed)
     backpack = BackpackGPT2LMHeadModel(backpack_config(name, n_positions, attn))
     gpt2 = GPT2LMHeadModel(gpt2_config(name, n_positions, attn))
+    gpt2.loss_type = "ForCausalLM"  # transformers reads it from the class name, which does not say it
     return backpack.to(device=device, dtype=dtype).eval(), gpt2.to(device=device, dtype=dtype).eval()
 
 
