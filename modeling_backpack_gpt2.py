@@ -618,6 +618,8 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         """
         weights = sense_weights(input_ids, past_length) if callable(sense_weights) else sense_weights
         weights = torch.as_tensor(weights, device=senses.device).to(senses.dtype)
+        # One device read per call, paid only by steered generation (never by a plain decoding step): a NaN here
+        # would silently turn every logit into NaN.
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights).all()):
             raise ValueError("sense_weights contains NaN or inf")
         batch_size, num_senses, key_length, _ = senses.shape

@@ -455,6 +455,18 @@ def test_too_long_sequence_is_refused():
         model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
 
 
+def test_empty_input_and_nan_sense_weights_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"empty input: input_ids has shape \(1, 0\); give at least one token"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    weights = torch.ones(1, 4, 3)
+    weights[0, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="sense_weights contains NaN or inf"):
+        model(torch.tensor([[1, 2, 3]]), sense_weights=weights)
+    with pytest.raises(ValueError, match="sense_weights contains NaN or inf"):
+        model(torch.tensor([[1, 2, 3]]), sense_weights=lambda ids, past: torch.full((1, 4, 3), float("inf")))
+
+
 def test_mismatched_attention_mask_is_refused():
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\), expected .* \(2, 6\)"):
         tiny_model()(torch.zeros(2, 6, dtype=torch.long), attention_mask=torch.ones(2, 5))
