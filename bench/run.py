@@ -120,26 +120,26 @@ def override_sizes(sizes: BenchSizes, assignments: Sequence[str]) -> BenchSizes:
     return dataclasses.replace(sizes, **changes, notes=notes)
 
 
+def _chosen(requested: str | None, allowed: Sequence[str], default: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """The comma-separated `requested` names (each one of `allowed`), or `default` when none were asked for."""
+    if not requested:
+        return default
+    names = tuple(name.strip() for name in requested.split(",") if name.strip())
+    unknown = set(names) - set(allowed)
+    if unknown:
+        raise SystemExit(f"unknown {what} {sorted(unknown)}; choose from {tuple(allowed)}")
+    return names
+
+
 def chosen_generate_modes(args: argparse.Namespace) -> tuple[str, ...]:
     """Generation variants to run: the requested ones, or the device's default set."""
-    if args.generate_modes:
-        modes = tuple(m.strip() for m in args.generate_modes.split(",") if m.strip())
-        unknown = set(modes) - set(GENERATE_MODES)
-        if unknown:
-            raise SystemExit(f"unknown generation modes {sorted(unknown)}; choose from {GENERATE_MODES}")
-        return modes
-    return CUDA_GENERATE_MODES if args.device == "cuda" else CPU_GENERATE_MODES
+    default = CUDA_GENERATE_MODES if args.device == "cuda" else CPU_GENERATE_MODES
+    return _chosen(args.generate_modes, GENERATE_MODES, default, "generation modes")
 
 
 def chosen_sections(args: argparse.Namespace) -> tuple[str, ...]:
     """Sections to run: the requested ones, or every one that applies to the device."""
-    if args.sections:
-        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-        unknown = set(sections) - set(ALL_SECTIONS)
-        if unknown:
-            raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {ALL_SECTIONS}")
-        return sections
-    return ALL_SECTIONS if args.device == "cuda" else CPU_SECTIONS
+    return _chosen(args.sections, ALL_SECTIONS, ALL_SECTIONS if args.device == "cuda" else CPU_SECTIONS, "sections")
 
 
 def device_name(device: torch.device) -> str:

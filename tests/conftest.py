@@ -38,6 +38,17 @@ def tiny_model(seed: int = 0, **overrides) -> BackpackGPT2LMHeadModel:
     return model.eval()
 
 
+def save_tiny_folder(path: Path) -> str:
+    """A tiny random Backpack with GPT-2's vocabulary and tokenizer saved to `path`, as the toolkit loads folders."""
+    from backpack.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    config = BackpackGPT2Config(n_embd=32, n_layer=2, n_head=2, num_senses=4, n_positions=64, initializer_range=0.1)
+    BackpackGPT2LMHeadModel(config).save_pretrained(path)
+    gpt2_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def hub_folder(source: Path, destination: Path) -> Path:
     """`source` laid out the way the Hub serves a remote-code model: weights + config + the two code files."""
     shutil.copytree(source, destination, dirs_exist_ok=True)

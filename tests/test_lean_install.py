@@ -15,12 +15,9 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
+from conftest import save_tiny_folder
 
 from backpack._optional import OPTIONAL_LIBRARIES
-from backpack.tokenizer import gpt2_tokenizer
-from configuration_backpack_gpt2 import BackpackGPT2Config
-from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,12 +93,7 @@ CHILD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = BackpackGPT2Config(n_embd=32, n_layer=2, n_head=2, num_senses=4, n_positions=64, initializer_range=0.1)
-    path = tmp_path_factory.mktemp("lean-model")
-    BackpackGPT2LMHeadModel(config).save_pretrained(path)
-    gpt2_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_folder(tmp_path_factory.mktemp("lean-model"))
 
 
 def test_core_works_and_optional_tools_name_their_extra(folder, tmp_path):

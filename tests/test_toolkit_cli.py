@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import save_tiny_folder
 
 from backpack.cli import main
 from backpack.interventions import scale_sense
@@ -21,12 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = BackpackGPT2Config(n_embd=32, n_layer=2, n_head=2, num_senses=4, n_positions=64, initializer_range=0.1)
-    path = tmp_path_factory.mktemp("exported")
-    BackpackGPT2LMHeadModel(config).save_pretrained(path)
-    gpt2_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_folder(tmp_path_factory.mktemp("exported"))
 
 
 def run(capsys, *argv):
