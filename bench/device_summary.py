@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 from backpack.files import write_json_atomically, write_text_atomically
+from backpack_bench.report import TARGETS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,14 +34,14 @@ GOLDEN_THRESHOLDS: dict[str, float] = {
     "bfloat16_vs_fp32": 8e-2, "float16_vs_fp32": 1e-2, "cache_vs_full": 1e-5, "padded_vs_alone": 1e-5,
 }
 # Issue 10's targets (GPU, bf16, Backpack-Small): (comparison, bound).
+# The benchmark's own targets (bench/report.py), plus the trainer's, which only this check measures.
 ISSUE_TARGETS: dict[str, tuple[str, float]] = {
-    "generate_ratio_vs_gpt2_tokens_per_s": (">=", 0.9),
-    "generate_ratio_vs_gpt2_tokens_per_s_max_batch": (">=", 0.9),
-    "generate_speedup_vs_full_recompute": (">=", 20.0),
-    "static_compiled_ratio_vs_gpt2_default": (">=", 2.0),
-    "static_compiled_ratio_vs_gpt2_default_max_batch": (">=", 2.0),
-    "forward_ratio_backpack_over_gpt2": ("<=", 1.15),
-    "train_step_ratio_backpack_over_gpt2": ("<=", 1.15),
+    **{key: TARGETS[key] for key in (
+        "generate_ratio_vs_gpt2_tokens_per_s", "generate_ratio_vs_gpt2_tokens_per_s_max_batch",
+        "generate_speedup_vs_full_recompute", "static_compiled_ratio_vs_gpt2_default",
+        "static_compiled_ratio_vs_gpt2_default_max_batch", "forward_ratio_backpack_over_gpt2",
+        "train_step_ratio_backpack_over_gpt2",
+    )},
     "trainer_compiled_backpack_mfu": (">=", 0.40),
     "trainer_compiled_tokens_per_s_ratio_backpack_over_gpt2": (">=", 0.85),
 }
