@@ -1,21 +1,42 @@
 #!/usr/bin/env bash
-# The README's main command: from a fresh clone, set up the environment and train the `nano` Backpack on the
-# embedded offline corpus (gensim's Wikipedia sample + Lee news corpus), then load the exported folder back
-# through `pipeline("text-generation")` and print a sample and the top words of a few senses of a few words.
+# The README's first command: from a fresh clone, use (or make) a virtual environment, install, train the `nano`
+# Backpack on the embedded offline corpus (gensim's Wikipedia sample + Lee news corpus), load the exported folder
+# back through `pipeline("text-generation")`, print a sample and the top words of a few senses, then the commands
+# to try next on that model.
 #
-#   bash scripts/quickstart.sh                 # Backpack
-#   bash scripts/quickstart.sh --model gpt2    # the GPT-2 baseline on the same budget (no senses to show)
+#   bash scripts/quickstart.sh                 # Backpack -> outputs/nano/model
+#   bash scripts/quickstart.sh --model gpt2    # the GPT-2 baseline on the same budget -> outputs/nano-gpt2/model
 #
-# Extra arguments go to train/pretrain.py (e.g. --max_steps 50). Run time: README.md, "Main command".
+# Extra arguments go to train/pretrain.py (e.g. --max_steps 30). Run time and output: README.md, "Quickstart".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh
+install_extra train backpack_train accelerate datasets gensim
 
-# torch first, pinned to the tested release: left to the resolver, a plain `torch` can be a multi-GB CUDA build.
-python -c "import torch" 2>/dev/null || python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-python -m pip install --quiet --disable-pip-version-check -e '.[train]'
-
-output_dir=outputs/nano
-for arg in "$@"; do [ "$arg" = gpt2 ] && output_dir=outputs/nano-gpt2; done
-# A rerun of the main command replaces its own earlier run (the trainer refuses a used folder unless told).
-python train/pretrain.py --config nano --output_dir "$output_dir" --overwrite_output_dir true "$@"
+# The folder the trainer writes (its --output_dir, as it parses the same arguments).
+output_dir=$(python -c 'import sys
+from backpack_train.config import DataArguments, TrainArguments, parse_args
+print(parse_args((DataArguments, TrainArguments), sys.argv[1:])[1].output_dir)' --config nano "$@")
+# A rerun replaces its own earlier run (the trainer refuses a used folder unless told).
+python train/pretrain.py --config nano --overwrite_output_dir true "$@"
 python train/demo.py "$output_dir/model"
+
+model="$output_dir/model"
+cat <<NEXT
+
+Next, on the model this made ($model); first \`. .venv/bin/activate\` if that is your environment:
+NEXT
+if python -c "import json, sys; sys.exit(json.load(open('$model/config.json'))['model_type'] != 'backpack-gpt2')"; then
+  cat <<NEXT
+  backpack senses $model science --top 8              # what each sense of a word pushes up
+  backpack explain $model "The history of" --target the --top 5    # a logit split into (word, sense) parts
+  backpack generate $model "The war" --topic sports --strength 3 --compare
+NEXT
+fi
+cat <<NEXT
+  python train/evaluate.py --model_path $model        # perplexity on the validation split
+  pip install -e '.[demo]' && python demo/app.py $model   # the browser demo at http://127.0.0.1:7860
+  bash scripts/test.sh                                        # the test suite
+On a GPU, the paper's smallest size on OpenWebText (README.md, "Train on a GPU"):
+  accelerate launch --config_file train/accelerate_configs/single_gpu.yaml train/pretrain.py --config micro --dataset openwebtext
+NEXT

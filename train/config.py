@@ -114,7 +114,11 @@ class TrainArguments:
         default=3,
         metadata={"help": "Complete checkpoints kept; older ones are removed once a new one is complete (None: all)."},
     )
-    output_dir: str = "outputs/backpack"
+    output_dir: str = field(
+        default="outputs/backpack",
+        metadata={"help": "Where the run writes (default: the config's folder; with --model gpt2 and no "
+                  "--output_dir, that folder with -gpt2 appended, e.g. outputs/nano-gpt2)."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in an output folder that holds a run: remove its checkpoints/, model/, logs/ "
@@ -181,9 +185,17 @@ def parse_args(
     parsed = tuple(args for args in parsed if isinstance(args, dataclass_types))  # drop the --config namespace
     for args in parsed:
         if isinstance(args, TrainArguments):
+            if args.model == "gpt2" and not given_on_command_line(argv, "output_dir"):
+                args.output_dir += "-gpt2"  # never the Backpack's folder of the same config
             apply_size(args)
             validate_train_args(args)
     return parsed
+
+
+def given_on_command_line(argv: list[str], key: str) -> bool:
+    """Whether ``--key`` (or ``--key=value``, or the ``--key-with-dashes`` spelling) is among ``argv``."""
+    spellings = {f"--{key}", f"--{key.replace('_', '-')}"}
+    return any(arg.split("=", 1)[0] in spellings for arg in argv)
 
 
 def apply_size(args: TrainArguments) -> None:
