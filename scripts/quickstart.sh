@@ -28,15 +28,15 @@ Next, on the model this made ($model); first \`. .venv/bin/activate\` if that is
 NEXT
 if python -c "import json, sys; sys.exit(json.load(open('$model/config.json'))['model_type'] != 'backpack-gpt2')"; then
   cat <<NEXT
-  backpack senses $model science --top 8              # what each sense of a word pushes up
-  backpack explain $model "The history of" --target the --top 5    # a logit split into (word, sense) parts
+  backpack senses $model science --top 8
+  backpack explain $model "My nurse said that" --target he --contrast she --top 3
   backpack generate $model "The war" --topic sports --strength 3 --compare
 NEXT
 fi
 cat <<NEXT
-  python train/evaluate.py --model_path $model        # perplexity on the validation split
-  pip install -e '.[demo]' && python demo/app.py $model   # the browser demo at http://127.0.0.1:7860
-  bash scripts/test.sh                                        # the test suite
+  python train/evaluate.py --model_path $model
+  python demo/app.py $model        # the browser demo (pip install -e '.[demo]' first)
+  bash scripts/test.sh             # the test suite
 On a GPU, the paper's smallest size on OpenWebText (README.md, "Train on a GPU"):
   accelerate launch --config_file train/accelerate_configs/single_gpu.yaml train/pretrain.py --config micro --dataset openwebtext
 NEXT
