@@ -14,13 +14,20 @@ demo, ``hub_upload.py``'s reader) loads through :func:`load_model`:
   ``trust_remote_code=False``.
 * Weights that are missing, left over or of the wrong shape are refused with their names: ``from_pretrained``
   would initialise them at random and only log a warning.
+* Broken checkpoints are refused before they are used, naming the file and the key or tensor: a ``config.json``
+  whose sizes are not positive integers, or whose parameters would not fit in the memory this machine has
+  (estimated from the sizes, before anything is allocated); weight files that are truncated or unreadable, or
+  that store a weight as integers or booleans (``from_pretrained`` would cast them to float silently); weights
+  holding NaN or infinity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +44,29 @@ IGNORED_UNEXPECTED = re.compile(r"attn\.(masked_)?bias$")
 
 class ModelLoadError(ValueError):
     """The model can't be loaded: the message names the path, Hub id, file or weights at fault."""
+
+
+@contextlib.contextmanager
+def no_loading_progress_bar() -> Iterator[None]:
+    """Within this block, ``from_pretrained`` draws no "Loading weights" bar (download bars stay).
+
+    transformers draws that bar on every load: on a CPU-sized model it flashes by on every command and fills logs.
+    Done with transformers' own tqdm hook, chained to any hook already set and restored afterwards.
+    """
+    from transformers.utils import logging as hf_logging
+
+    previous = getattr(hf_logging, "_tqdm_hook", None)  # no public getter: keep whatever the user set
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
 
 
 def _is_offline() -> bool:
@@ -134,6 +164,183 @@ def read_config(name_or_path: str | os.PathLike, *, revision: str | None = None,
     return config
 
 
+# --- checks of a checkpoint before it is used ------------------------------------------------------------------
+
+# The sizes a GPT-2 / Backpack configuration must give as positive integers (n_inner may also be null).
+SIZE_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
+BACKPACK_SIZE_KEYS = ("num_senses", "sense_intermediate_scale")
+FLOATING_SAFETENSORS_DTYPES = re.compile(r"B?F\d+(_\w+)?")  # F16, BF16, F32, F64, F8_E4M3 ...
+
+
+def _describe_value(value) -> str:
+    kind = {bool: "a boolean", str: "a string", float: "a float", list: "a list", dict: "an object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{json.dumps(value)[:40]} ({kind})" if kind != "int" else str(value)
+
+
+def check_config_sizes(config: dict, where: str) -> None:
+    """Refuse sizes that are not positive integers (``"12"``, ``1e9``, ``-5``, ``true``), naming file and key.
+
+    Raises:
+        ModelLoadError: e.g. ``.../config.json: n_layer must be a positive integer, got "12" (a string)``.
+    """
+    keys = SIZE_KEYS + (BACKPACK_SIZE_KEYS if is_backpack_config(config) else ())
+    for key in keys:
+        if key not in config:
+            continue  # the configuration class's default applies
+        value = config[key]
+        if not (type(value) is int and value >= 1):
+            raise ModelLoadError(f"{where}: {key} must be a positive integer, got {_describe_value(value)}")
+    inner = config.get("n_inner")
+    if inner is not None and not (type(inner) is int and inner >= 1):
+        raise ModelLoadError(f"{where}: n_inner must be a positive integer or null, got {_describe_value(inner)}")
+    embd = config.get("n_embd", 768)
+    divisors = ("n_head", "num_senses") if is_backpack_config(config) else ("n_head",)
+    for key in divisors:
+        if embd % config.get(key, {"n_head": 12, "num_senses": 16}[key]):
+            raise ModelLoadError(f"{where}: n_embd ({embd}) must be divisible by {key} ({config.get(key)})")
+
+
+def estimate_parameters(config: dict) -> int:
+    """Parameters of a GPT-2 or Backpack configuration (tied embeddings counted once), from its sizes alone.
+
+    GPT-2: ``V·d + P·d + L·(4d² + 2d·i + 9d + i) + 2d`` with ``i = n_inner or 4d``; a Backpack adds its sense
+    network ``d·s·d + s·d·k·d + 2d·i`` (s the intermediate scale, k the senses) and the weight network ``2d²``.
+    """
+    vocab, embd = config.get("vocab_size", 50257), config.get("n_embd", 768)
+    layers, positions = config.get("n_layer", 12), config.get("n_positions", 1024)
+    inner = config.get("n_inner") or 4 * embd
+    count = vocab * embd + positions * embd + layers * (4 * embd * embd + 2 * embd * inner + 9 * embd + inner)
+    count += 2 * embd
+    if is_backpack_config(config):
+        senses, scale = config.get("num_senses", 16), config.get("sense_intermediate_scale", 4)
+        count += 2 * embd * inner + inner + 7 * embd  # the sense network's block and layer norms
+        count += embd * scale * embd + scale * embd + scale * embd * senses * embd + senses * embd  # final FFN
+        count += 2 * embd * embd + 2 * embd  # the weight network's queries and keys
+    return count
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (``MemAvailable``), or None where that can't be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gigabytes(size: float) -> str:
+    return f"{size / 1e9:.3g} GB"
+
+
+def check_memory(config: dict, where: str, dtype: torch.dtype | None = None) -> None:
+    """Refuse a configuration whose parameters alone need more memory than this machine has available.
+
+    Raises:
+        ModelLoadError: with the estimate, the memory available and the sizes behind them.
+    """
+    available = available_memory()
+    if available is None:
+        return
+    parameters = estimate_parameters(config)
+    element = (dtype or torch.float32).itemsize
+    if parameters * element > available:
+        sizes = ", ".join(f"{key} {config[key]}" for key in SIZE_KEYS + BACKPACK_SIZE_KEYS if key in config)
+        raise ModelLoadError(f"{where}: these sizes ({sizes}) make about {parameters:,} parameters, "
+                             f"{_gigabytes(parameters * element)} in {str(dtype or torch.float32).split('.')[-1]}, "
+                             f"more than the {_gigabytes(available)} of memory available on this machine")
+
+
+def _weight_files(name: str, *, revision: str | None, token: str | bool | None,
+                  cache_dir: str | os.PathLike | None) -> list[Path]:
+    """The weight files ``from_pretrained`` will read (safetensors first, as it prefers them), shards included."""
+    local = Path(name).expanduser()
+
+    def fetch(filename: str) -> Path | None:
+        if local.is_dir():
+            return local / filename if (local / filename).is_file() else None
+        return _hub_file(name, filename, revision=revision, token=token, cache_dir=cache_dir, required=False)
+
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path := fetch(single)) is not None:
+            return [path]
+        if (path := fetch(index)) is not None:
+            try:
+                shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ModelLoadError(f"can't read the shard index {path}: {error}") from error
+            files = []
+            for shard in shards:
+                if (shard_path := fetch(shard)) is None:
+                    raise ModelLoadError(f"{path} lists the shard {shard}, which {name!r} does not have")
+                files.append(shard_path)
+            return files
+    return []
+
+
+def _tensor_dtypes(path: Path) -> dict[str, tuple[str, bool]]:
+    """Every tensor's stored dtype and whether it is floating point, from the file's header (safetensors) or its
+    archive (torch.save, memory-mapped: no tensor data is read).
+
+    Raises:
+        ModelLoadError: a truncated or unreadable file, naming it.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+        except Exception as error:  # SafetensorError (not exported as a class), OSError
+            raise ModelLoadError(f"can't read the weights file {path} (truncated or not a safetensors file): "
+                                 f"{error}") from error
+        return {key: (dtype, bool(FLOATING_SAFETENSORS_DTYPES.fullmatch(dtype))) for key, dtype in dtypes.items()}
+    try:  # weights_only: tensors and plain containers, never arbitrary pickled objects
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+    except Exception as error:  # a truncated zip archive, a pickle that weights_only refuses, ...
+        raise ModelLoadError(f"can't read the weights file {path} (truncated, or not a torch.save file of "
+                             f"tensors): {error}") from error
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"the weights file {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return {str(key): (str(value.dtype).removeprefix("torch."), value.is_floating_point())
+            if isinstance(value, torch.Tensor) else (type(value).__name__, False) for key, value in state.items()}
+
+
+def check_weight_files(files: list[Path]) -> None:
+    """Refuse unreadable weight files and weights stored as anything but floating point, naming file and tensor.
+
+    ``from_pretrained`` casts an int64 or bool tensor to the model's float dtype without a word; such a weight is
+    a broken checkpoint, not a model. (Old GPT-2 attention-mask buffers, which transformers rebuilds, are skipped.)
+    """
+    for path in files:
+        for key, (dtype, floating) in _tensor_dtypes(path).items():
+            if not floating and not IGNORED_UNEXPECTED.search(key):
+                raise ModelLoadError(f"{path}: tensor {key} is stored as {dtype}; weights must be floating point "
+                                     "(a broken or foreign checkpoint)")
+
+
+def check_finite_weights(model: torch.nn.Module, files: list[Path], where: str) -> None:
+    """Refuse weights holding NaN or infinity (after loading, in the dtype asked for), naming the tensor."""
+    source = str(files[0]) if len(files) == 1 else where
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise ModelLoadError(f"{source}: weight {name} holds {nan:,} NaN and {inf:,} infinite value(s) "
+                                 f"({str(tensor.dtype).split('.')[-1]}); a broken checkpoint")
+
+
 def _few(names: list[str], count: int = 5) -> str:
     return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "") or "none"
 
@@ -194,8 +401,13 @@ def load_pretrained_model(
         raise ModelLoadError(f"{name}'s {CONFIG_FILE} is not a Backpack GPT-2 configuration (model_type "
                              f"{raw.get('model_type')!r}, architectures {raw.get('architectures')})")
     local = Path(name).expanduser()
+    where = str(local / CONFIG_FILE) if local.is_dir() else f"{CONFIG_FILE} of the Hub model {name!r}"
+    check_config_sizes(raw, where)
+    check_memory(raw, where, dtype)  # before from_pretrained allocates anything
     if local.is_dir():
         _check_local_weights(local)
+    files = _weight_files(name, revision=revision, token=token, cache_dir=cache_dir)
+    check_weight_files(files)
 
     kwargs: dict = dict(revision=revision, token=token, cache_dir=cache_dir, output_loading_info=True,
                         # mismatched shapes are reported by name below instead of a RuntimeError
@@ -209,11 +421,13 @@ def load_pretrained_model(
             # The installed class: the checkpoint's own modeling file is never imported.
             from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
-            model, info = BackpackGPT2LMHeadModel.from_pretrained(name, **kwargs)
+            with no_loading_progress_bar():
+                model, info = BackpackGPT2LMHeadModel.from_pretrained(name, **kwargs)
         else:
             from transformers import AutoModelForCausalLM
 
-            model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, **kwargs)
+            with no_loading_progress_bar():
+                model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, **kwargs)
     except ModelLoadError:
         raise
     except OSError as error:  # a missing weights file, an unreachable Hub
@@ -223,6 +437,7 @@ def load_pretrained_model(
         raise ModelLoadError(f"can't load {name!r} without running its own code (trust_remote_code is never "
                              f"used for models that are not Backpacks): {error}") from error
     _check_loading_info(info, name)
+    check_finite_weights(model, files, name)
     return model.eval()
 
 

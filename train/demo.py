@@ -16,6 +16,8 @@ import sys
 import torch
 from transformers import pipeline
 
+from backpack.loading import no_loading_progress_bar
+
 
 def sense_top_words(model, tokenizer, word: str, senses: int, top: int) -> list[str]:
     """One line per sense: the top words of ``E C(x)[l]`` for the first subword of `` word``."""
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: no model folder at {args.model_path}")
 
     torch.manual_seed(args.seed)
-    generator = pipeline("text-generation", model=args.model_path, trust_remote_code=True, device="cpu")
+    with no_loading_progress_bar():
+        generator = pipeline("text-generation", model=args.model_path, trust_remote_code=True, device="cpu")
     room = generator.model.config.n_positions - len(generator.tokenizer(args.prompt)["input_ids"])
     sample = generator(args.prompt, max_new_tokens=max(1, min(args.max_new_tokens, room)), do_sample=True, top_k=40,
                        return_full_text=True)[0]["generated_text"]
