@@ -411,9 +411,12 @@ def theme() -> gr.themes.Base:
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> str:
-    """Serve `app` locally (no share link, no analytics, the theme's bundled fonts); returns the page's URL."""
+    """Serve `app` locally (no share link, no analytics, the theme's bundled fonts); returns the page's URL.
+
+    Quiet: Gradio's own banner would suggest ``share=True``, which this demo never uses; :func:`main` prints the URL.
+    """
     _, url, _ = app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
-                           quiet=not block, show_error=False, css=CSS, theme=theme(),
+                           quiet=True, show_error=False, css=CSS, theme=theme(),
                            footer_links=[], ssr_mode=False, mcp_server=False, pwa=False)
     return url
 
