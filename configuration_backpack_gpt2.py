@@ -16,6 +16,7 @@ from typing import Any
 from transformers import AutoConfig, GPT2Config
 
 BACKPACK_MODEL_TYPE = "backpack-gpt2"
+GPT2_END_OF_TEXT = 50256  # GPT-2's <|endoftext|>, its start and end of text
 BACKPACK_NAMES = ("BackpackGPT2LMHeadModel", "BackpackGPT2Model", "BackpackGPT2Config", "modeling_backpack_gpt2",
                   "configuration_backpack_gpt2")
 
@@ -62,11 +63,14 @@ class BackpackGPT2Config(GPT2Config):
             Longest sequence the model can read.
         scale_attn_by_inverse_layer_idx (`bool`, defaults to `True`):
             As in the published training configuration.
+        bos_token_id, eos_token_id (`int`, *optional*):
+            GPT-2's <|endoftext|> (50256) when the vocabulary has it, otherwise none unless given.
         kwargs:
             Every other [`~transformers.GPT2Config`] argument (`n_embd`, `n_layer`, `n_head`, dropouts, ...).
 
     Raises:
-        ValueError: if `n_embd` is not divisible by `num_senses` or by `n_head`.
+        ValueError: if `n_embd` is not divisible by `num_senses` or by `n_head`, or `tie_word_embeddings=False` (the
+            output layer is the input embedding by construction).
     """
 
     model_type = BACKPACK_MODEL_TYPE
@@ -82,6 +86,10 @@ class BackpackGPT2Config(GPT2Config):
     ):
         self.num_senses = num_senses
         self.sense_intermediate_scale = sense_intermediate_scale
+        # GPT-2's <|endoftext|> starts and ends text by default only where the vocabulary has it: a smaller one (a
+        # tokenizer of one's own) names its own tokens, or has none.
+        for name in ("bos_token_id", "eos_token_id"):
+            kwargs.setdefault(name, GPT2_END_OF_TEXT if vocab_size > GPT2_END_OF_TEXT else None)
         super().__init__(
             vocab_size=vocab_size,
             n_positions=n_positions,
@@ -96,7 +104,9 @@ class BackpackGPT2Config(GPT2Config):
                 )
         if self.sense_intermediate_scale < 1:
             raise ValueError(f"sense_intermediate_scale must be >= 1, got {self.sense_intermediate_scale}")
-
+        if not self.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings must be True: a Backpack's logits are E o, with E its own input "
+                             "embedding (the paper's tied output layer)")
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> "BackpackGPT2Config":
