@@ -11,6 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+# The model module registers the Backpack with transformers' Auto classes and `pipeline` when imported: after
+# `import backpack`, `AutoModelForCausalLM.from_pretrained(folder)` builds a Backpack without remote code.
+import modeling_backpack_gpt2  # noqa: F401
+
 from ._optional import MissingExtraError
 from .bias import BiasReport, evaluate_bias
 from .explain import Explanation, explain_prediction

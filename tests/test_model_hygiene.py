@@ -45,6 +45,23 @@ def test_saved_folder_is_refused_without_remote_code_and_names_the_fix(tmp_path)
     assert len(lines) == 2 and all("trust_remote_code=True" in line for line in lines), result.stdout + result.stderr
 
 
+IMPORT_BACKPACK_ONLY = textwrap.dedent(
+    """
+    import sys
+    import backpack  # nothing else of this package
+    from transformers import AutoModelForCausalLM
+    print("LOADED", type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__module__)
+    """
+)
+
+
+def test_import_backpack_alone_lets_auto_classes_load_a_saved_backpack(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    result = subprocess.run([sys.executable, "-c", IMPORT_BACKPACK_ONLY, str(tmp_path)], capture_output=True,
+                            text=True, cwd=tmp_path.parent, timeout=300, stdin=subprocess.DEVNULL)
+    assert "LOADED modeling_backpack_gpt2" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
 # --- no avoidable warnings ------------------------------------------------------------------------------------
 
 
@@ -134,13 +151,13 @@ def test_torch_export_and_onnx_with_a_dynamic_sequence_length(tmp_path):
     exported = torch.export.export(module, (example,), dynamic_shapes={"input_ids": {1: sequence}}, strict=False)
     program = torch.onnx.export(module, (example,), dynamic_shapes={"input_ids": {1: sequence}}, dynamo=True)
     program.save(str(tmp_path / "backpack.onnx"))
-    session = onnxruntime.InferenceSession(str(tmp_path / "backpack.onnx"))
+    runtime = onnxruntime.InferenceSession(str(tmp_path / "backpack.onnx"))
     for length in (1, 4, 31):  # none of them the traced length
         ids = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(length))
         with torch.no_grad():
             eager = module(ids)
         torch.testing.assert_close(exported.module()(ids), eager)
-        onnx_logits = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+        onnx_logits = runtime.run(None, {runtime.get_inputs()[0].name: ids.numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(onnx_logits), eager, rtol=1e-4, atol=1e-4)
 
 
