@@ -68,6 +68,7 @@ from backpack_hub.staging import (
     AUTO_MAP,
     CODE_MODULES,
     StagedFile,
+    check_staging_dir,
     format_file_list,
     human_size,
     list_files,
@@ -116,6 +117,21 @@ __all__ = [
 ]
 
 
+def _shard_size(text: str) -> str | int:
+    """argparse type: ``2GB``, ``500MB``, ``2GiB`` (an integer and a unit) or a number of bytes."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    text = text.strip()
+    try:
+        size = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or a number of bytes, got {text!r}"
+                                         ) from error
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return size if text.isdigit() else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hub_upload.py", description=__doc__.split("\n\n")[0],
@@ -137,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Hugging Face token with write access (default: HF_TOKEN or `hf auth login`)")
     parser.add_argument("--dry-run", action="store_true",
                         help="stage and validate, then print the files with sizes instead of pushing (no token needed)")
-    parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+    parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", type=_shard_size,
                         help="shard the weights above this size, with an index (default: 2GB)")
     parser.add_argument("--license", default=None, help="card license (default: the existing card's, else apache-2.0)")
     parser.add_argument("--staging-dir", default=None, metavar="DIR",
@@ -160,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.checkpoint is None or args.repo_id is None:
         parser.error("give CHECKPOINT and --repo-id OWNER/NAME to publish, or --update-code OWNER/NAME")
     try:
+        if args.staging_dir is not None:  # before any download or staging
+            check_staging_dir(args.staging_dir)
         if args.update_code is not None:
             update_code(args.update_code, token=args.token, commit_message=args.commit_message, dry_run=args.dry_run,
                         staging_dir=args.staging_dir)

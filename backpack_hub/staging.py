@@ -18,6 +18,7 @@ from pathlib import Path
 
 import configuration_backpack_gpt2
 import modeling_backpack_gpt2
+from backpack.files import write_text_atomically
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 from .card import build_model_card
@@ -65,13 +66,42 @@ def format_file_list(files: list[StagedFile]) -> str:
     return "\n".join(lines)
 
 
+def check_staging_dir(staging: str | os.PathLike) -> Path:
+    """``staging`` if it is missing or an empty folder (checked before any work; nothing is created).
+
+    Raises:
+        UsageError: it is a file or a folder with files in it (naming ``--staging-dir``).
+    """
+    staging = Path(staging)
+    if staging.exists() and not staging.is_dir():
+        raise UsageError(f"--staging-dir {staging} is a file; expected an empty or missing folder")
+    try:
+        if staging.exists() and any(staging.iterdir()):
+            raise UsageError(f"--staging-dir {staging} is not empty; expected an empty or missing folder")
+    except OSError as error:
+        raise UsageError(f"--staging-dir {staging}: can't read the folder ({error.strerror or error})") from error
+    return staging
+
+
+def make_staging_dir(staging: str | os.PathLike) -> Path:
+    """Create the staging folder, which must be missing or an empty folder.
+
+    Raises:
+        UsageError: it is a file, a folder with files in it, or can't be created (naming ``--staging-dir``).
+    """
+    staging = check_staging_dir(staging)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--staging-dir {staging}: can't create or read the folder "
+                         f"({error.strerror or error})") from error
+    return staging
+
+
 def stage(checkpoint: Checkpoint, staging: str | os.PathLike, repo_id: str, *, revision: str | None = None,
           max_shard_size: str | int = "2GB", license: str | None = None, tokenizer=None) -> list[StagedFile]:
     """Write exactly what the Hub repo will hold into ``staging`` (an empty or missing folder)."""
-    staging = Path(staging)
-    if staging.exists() and any(staging.iterdir()):
-        raise UsageError(f"--staging-dir {staging} is not empty")
-    staging.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(staging)
     model = checkpoint.model
     # Weights, config.json (auto_map, architectures) and generation_config.json; the code files are copied too
     # because the classes are registered for the Auto classes.
@@ -80,23 +110,23 @@ def stage(checkpoint: Checkpoint, staging: str | os.PathLike, repo_id: str, *, r
         shutil.copyfile(module.__file__, staging / Path(module.__file__).name)
     ensure_auto_map(staging / "config.json")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint)
-    tokenizer.save_pretrained(staging)
+    save_tokenizer_without_code(tokenizer, staging)
     build_model_card(checkpoint, repo_id, revision, license).save(staging / CARD_FILE)
     return list_files(staging)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def save_tokenizer_without_code(tokenizer, folder: Path) -> None:
+    """``tokenizer.save_pretrained(folder)`` minus any ``auto_map``: the code it would name is never shipped or run.
+
+    A tokenizer read from files whose ``tokenizer_config.json`` had an ``auto_map`` (loaded without that code, as
+    its ``tokenizer_class``) keeps the entry in ``init_kwargs`` and would write it back.
+    """
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and config.pop("auto_map", None) is not None:
+            write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def auto_map_is_current(config: dict) -> bool:
@@ -111,7 +141,7 @@ def ensure_auto_map(path: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config["architectures"] = [BackpackGPT2LMHeadModel.__name__]
     config.setdefault("auto_map", {}).update(AUTO_MAP)
-    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @contextmanager

@@ -3,6 +3,12 @@
 A new Python process (its own module cache, offline, a working directory without this package) loads the folder
 through ``AutoModelForCausalLM``, compares its logits on a fixed input with the reference computed here, and runs
 the text-generation pipeline: the repo is only pushed if all of it works as it will for a user of the Hub.
+
+``trust_remote_code=True`` imports the folder's code, so the folder must hold no code but this package's two
+model files (checked before the process starts, :func:`check_only_installed_code`): no other ``.py`` file, no
+``custom_generate/`` folder (``from_pretrained`` would install its ``generate``), no ``auto_map`` entry that points
+``AutoConfig`` or ``AutoModelForCausalLM`` elsewhere. The tokenizer and the pipeline are built with
+``trust_remote_code=False``, so a tokenizer ``auto_map`` or a ``custom_pipelines`` entry is never followed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 from .errors import ValidationFailed
+from .staging import AUTO_MAP, CODE_MODULES
 
 VALIDATION_PROMPT = "The Backpack language model predicts the next word from"
 VALIDATION_NEW_TOKENS = 5
@@ -34,9 +41,12 @@ result = {"ok": False}
 try:
     import torch
     from transformers import AutoModelForCausalLM, pipeline
+    from transformers import AutoTokenizer
     staging, reference_path, prompt, new_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    tokenizer = sys.argv[5] if len(sys.argv) > 5 else staging
+    tokenizer_path = sys.argv[5] if len(sys.argv) > 5 else staging
     reference = torch.load(reference_path, weights_only=True)
+    # Only the model's code comes from the folder (its two files, checked beforehand); never the tokenizer's.
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(staging, trust_remote_code=True).eval()
     result["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
     with torch.no_grad():
@@ -45,7 +55,7 @@ try:
     result["shape_ok"] = list(logits.shape) == list(expected.shape)
     result["logits_equal"] = bool(result["shape_ok"] and torch.equal(logits, expected))
     result["max_abs_diff"] = float((logits.float() - expected.float()).abs().max()) if result["shape_ok"] else None
-    generator = pipeline("text-generation", model=staging, tokenizer=tokenizer, trust_remote_code=True)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, trust_remote_code=False)
     output = generator(prompt, max_new_tokens=new_tokens, do_sample=False)
     result["generated_text"] = output[0]["generated_text"]
     result["ok"] = True
@@ -84,17 +94,47 @@ def reference_batch(model: BackpackGPT2LMHeadModel, tokenizer) -> dict[str, torc
     return {"input_ids": input_ids, "attention_mask": attention_mask, "logits": logits}
 
 
+def check_only_installed_code(staging: str | os.PathLike) -> None:
+    """Refuse a folder whose remote code would be anything but this package's two installed model files.
+
+    Raises:
+        ValidationFailed: naming each file or ``auto_map`` entry that would run other code.
+    """
+    staging = Path(staging)
+    installed = {Path(module.__file__).name: Path(module.__file__).read_bytes() for module in CODE_MODULES}
+    foreign = []
+    for path in sorted(staging.rglob("*")):
+        relative = path.relative_to(staging).as_posix()
+        if path.is_dir() and path.name == "custom_generate":
+            foreign.append(f"{relative}/ (a custom generate())")
+        elif path.is_file() and path.suffix == ".py" and installed.get(relative) != path.read_bytes():
+            foreign.append(relative)
+    config_path = staging / "config.json"
+    try:
+        auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValidationFailed(f"can't read {config_path}: {error}") from error
+    foreign += [f"config.json auto_map {key} -> {auto_map.get(key)}" for key, value in AUTO_MAP.items()
+                if auto_map.get(key) != value]
+    if foreign:
+        raise ValidationFailed("the folder to load with trust_remote_code=True holds code that is not this "
+                               f"package's model code, which is never run: {', '.join(foreign)}")
+
+
 def validate_staging(staging: str | os.PathLike, reference: dict[str, torch.Tensor], *,
                      tokenizer_dir: str | os.PathLike | None = None, timeout: float = 900.0) -> ValidationReport:
     """Load ``staging`` with remote code in a fresh process, compare logits with ``reference``, run the pipeline.
 
     Args:
-        tokenizer_dir: The pipeline's tokenizer, for a staging folder without one (default: the staging folder).
+        tokenizer_dir: The pipeline's tokenizer, for a staging folder without one (default: the staging folder);
+            loaded with ``trust_remote_code=False``.
 
     Raises:
-        ValidationFailed: with the reason (import error, mismatch, pipeline failure, timeout).
+        ValidationFailed: with the reason (code other than the installed model files, import error, mismatch,
+            pipeline failure, timeout).
     """
     started = time.perf_counter()
+    check_only_installed_code(staging)
     with tempfile.TemporaryDirectory(prefix="backpack-validate-") as scratch:
         reference_path = Path(scratch) / "reference.pt"
         torch.save(reference, reference_path)

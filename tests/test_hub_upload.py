@@ -658,28 +658,93 @@ def _installed_code() -> dict[str, bytes]:
     return {Path(module.__file__).name: Path(module.__file__).read_bytes() for module in hub_upload.CODE_MODULES}
 
 
-def test_update_code_dry_run_offline_swaps_the_code_and_validates_it_with_remote_code(published, monkeypatch,
-                                                                                      capsys, tmp_path):
+def planted_code(marker: Path, name: str) -> bytes:
+    """A module that records its import in `marker`, then fails: any trace of it running shows in the marker."""
+    return (f"with open({str(marker)!r}, 'a') as handle:\n    handle.write({name!r} + '\\n')\n"
+            f"raise SystemExit('planted code ran: {name}')\n").encode()
+
+
+def planted_repo(published: dict, repo_id: str, plant: str) -> Path:
+    """The published layout (with its failing 2023 code) plus planted code that a careless validation would run:
+    a ``custom_generate/generate.py`` (transformers installs it as generate() under trust_remote_code=True), or a
+    tokenizer whose ``auto_map`` names an ``evil_tok.py`` of the repo."""
+    marker = published["marker"]
+    files: dict = published_layout(published["model"])
+    files.update({name: stand_in_code(marker, name) for name in CODE_FILES})
+    if plant == "custom_generate":
+        files["custom_generate/generate.py"] = planted_code(marker, "custom_generate/generate.py")
+    else:
+        folder = published["root"] / f"tokenizer-{plant}"
+        gpt2_tokenizer(model_max_length=32).save_pretrained(folder)
+        files.update({path.name: path for path in folder.iterdir()})
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["auto_map"] = {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}
+        files["tokenizer_config.json"] = json.dumps(config).encode()
+        files["evil_tok.py"] = planted_code(marker, "evil_tok.py")
+    return add_to_hub_cache(published["cache"], repo_id, files)
+
+
+@pytest.mark.parametrize("plant", ["custom_generate", "tokenizer_auto_map"])
+def test_update_code_dry_run_runs_only_the_installed_code_and_validates_it_offline(published, monkeypatch, capsys,
+                                                                                   tmp_path, plant):
     from huggingface_hub import constants
 
+    repo_id = f"planted/{plant.replace('_', '-')}"
+    snapshot = planted_repo(published, repo_id, plant)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read from the hand-built cache, as a user offline
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(published["cache"]))
     monkeypatch.setattr(hub, "_API", None)
     staging = tmp_path / "staging"
-    code = hub_upload.main(["--update-code", PUBLISHED_ID, "--dry-run", "--staging-dir", str(staging)])
+    code = hub_upload.main(["--update-code", repo_id, "--dry-run", "--staging-dir", str(staging)])
     output = capsys.readouterr()
     assert code == 0, output.err
-    assert f"commit {published['snapshot'].name}" in output.out
+    # No code of the repo ran: not its 2023 model files, not the planted module, in this process or the fresh one.
+    assert not published["marker"].exists(), published["marker"].read_text()
+    assert f"commit {snapshot.name}" in output.out
     line = next(line for line in output.out.splitlines() if line.strip().startswith("ok in"))
     assert "loaded as transformers_modules." in line and "logits identical" in line  # the swapped-in code ran
     listing = output.out[output.out.index("[4/4]"):].splitlines()[1:]
     assert [row.split()[0] for row in listing[:-1]] == sorted(CODE_FILES) and listing[-1].startswith("  2 files")
+    # The validation folder is the repo's weights and config beside the installed code files, nothing else.
+    assert sorted(path.name for path in staging.iterdir()) == sorted(["config.json", "pytorch_model.bin", *CODE_FILES])
     for name, data in _installed_code().items():
         assert (staging / name).read_bytes() == data
-    # The weights are the repo's own file (linked, never rewritten); config.json already had the right auto_map.
-    assert (staging / "pytorch_model.bin").resolve() == (published["snapshot"] / "pytorch_model.bin").resolve()
-    assert (staging / "config.json").read_bytes() == (published["snapshot"] / "config.json").read_bytes()
-    assert not published["marker"].exists()  # the repo's own (stand-in) code was never imported
+    assert (staging / "pytorch_model.bin").resolve() == (snapshot / "pytorch_model.bin").resolve()  # linked
+    assert (staging / "config.json").read_bytes() == (snapshot / "config.json").read_bytes()
+    # Honest about what it did not cover: the planted code is named as left as it is and never run.
+    note = next(line for line in output.out.splitlines() if "never run here and not validated" in line)
+    if plant == "custom_generate":
+        assert "custom_generate/generate.py" in note
+        assert "tokenizer: GPT-2's" in output.out
+    else:
+        assert "evil_tok.py" in note and "tokenizer_config.json auto_map AutoTokenizer" in note
+        assert "tokenizer: the repo's files, loaded without trust_remote_code" in output.out
+
+
+def test_validation_refuses_a_folder_with_code_other_than_the_installed_files_before_starting(tmp_path):
+    from backpack_hub.validation import check_only_installed_code
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "config.json").write_text(json.dumps({"auto_map": hub_upload.AUTO_MAP}))
+    for name, data in _installed_code().items():
+        (staging / name).write_bytes(data)
+    check_only_installed_code(staging)  # the clean folder passes
+    (staging / "custom_generate").mkdir()
+    (staging / "custom_generate" / "generate.py").write_text("raise SystemExit('ran')\n")
+    (staging / "modeling_backpack_gpt2.py").write_text("raise SystemExit('ran')\n")
+    with pytest.raises(hub_upload.ValidationFailed, match="custom_generate/ .*modeling_backpack_gpt2.py"):
+        hub_upload.validate_staging(staging, {})
+
+
+def test_a_staged_tokenizer_carries_no_auto_map(tmp_path):
+    from backpack_hub.staging import save_tokenizer_without_code
+
+    tokenizer = gpt2_tokenizer(model_max_length=32)
+    tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}
+    save_tokenizer_without_code(tokenizer, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "auto_map" not in config and config["tokenizer_class"] == "GPT2Tokenizer"
 
 
 @pytest.mark.parametrize("auto_map", ["current", "missing"])
