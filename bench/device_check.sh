@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared device check (issue 10): one command for one call of the device tool (H100/H200, < 8 minutes).
+# The prepared GPU check: one command, one call of a machine with a GPU (H100/H200, < 8 minutes).
 #
 #   bash bench/device_check.sh                      # on the GPU machine; results in $OUT (default outputs/device-check)
 #   bash bench/device_check.sh --smoke              # CPU, tiny sizes, every step end to end (~2 minutes)
@@ -18,7 +18,7 @@
 #   trainer_compiled_gpt2, trainer_eager_backpack, trainer_eager_gpt2
 #   bench_train_compiled       bench/run.py: the trainer's step compiled with fullgraph=True   -> bench_train_compiled.json
 #   bench_memory               bench/run.py training-step peak memory and the paper's Table 7 -> bench_memory.json
-#   summary                    bench/device_summary.py: summary.json + summary.md (issue 10's targets)
+#   summary                    bench/device_summary.py: summary.json + summary.md (the GPU targets)
 #
 # Every step runs under `timeout -k 10 BOX` (the trainer saves a checkpoint on SIGTERM; -k kills it 10 s later).
 # BOX is the step's own limit, cut to what is left of the whole check's budget (--budget, default 470 s), so the

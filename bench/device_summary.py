@@ -1,4 +1,4 @@
-"""The device check's summary: every step's numbers in one JSON and one markdown page, with issue 10's targets.
+"""The device check's summary: every step's numbers in one JSON and one markdown page, with the GPU targets.
 
     python bench/device_summary.py OUT_DIR [MORE_OUT_DIRS ...] [--out DIR]
 
@@ -33,9 +33,9 @@ GOLDEN_THRESHOLDS: dict[str, float] = {
     "fp32_logits": 1e-5, "fp32_contextualization": 1e-5, "fp32_senses": 1e-5,
     "bfloat16_vs_fp32": 8e-2, "float16_vs_fp32": 1e-2, "cache_vs_full": 1e-5, "padded_vs_alone": 1e-5,
 }
-# Issue 10's targets (GPU, bf16, Backpack-Small): (comparison, bound).
+# The GPU targets (bf16, Backpack-Small): (comparison, bound).
 # The benchmark's own targets (bench/report.py), plus the trainer's, which only this check measures.
-ISSUE_TARGETS: dict[str, tuple[str, float]] = {
+GPU_TARGETS: dict[str, tuple[str, float]] = {
     **{key: TARGETS[key] for key in (
         "generate_ratio_vs_gpt2_tokens_per_s", "generate_ratio_vs_gpt2_tokens_per_s_max_batch",
         "generate_speedup_vs_full_recompute", "static_compiled_ratio_vs_gpt2_default",
@@ -231,7 +231,7 @@ def summarize(folders: Sequence[str]) -> dict:
     summary["targets"] = [
         {"target": key, "op": op, "bound": bound, "value": measured.get(key),
          "met": compare(measured.get(key), op, bound)}
-        for key, (op, bound) in ISSUE_TARGETS.items()
+        for key, (op, bound) in GPU_TARGETS.items()
     ]
     summary["measured"] = measured
     failed = [step["step"] for step in summary["steps"] if step.get("status") != "ok"]
@@ -263,7 +263,7 @@ def _fmt(value) -> str:
 
 
 def markdown(summary: dict) -> str:
-    """The summary page: steps, correctness, issue 10's targets, trainer, and each benchmark's own table."""
+    """The summary page: steps, correctness, the GPU targets, trainer, and each benchmark's own table."""
     from backpack_bench.report import markdown_table
 
     env = summary["env"]
@@ -284,7 +284,7 @@ def markdown(summary: dict) -> str:
     for row in summary["golden"]:
         value = row.get("error", _fmt(row["value"])) if row["value"] is None else _fmt(row["value"])
         lines.append(f"| {row['check']} | {value} | {_fmt(row['threshold'])} | {_fmt(row['within'])} |")
-    lines += ["", "## Issue 10 targets", ""]
+    lines += ["", "## GPU targets", ""]
     if not devices_of(summary):
         lines += ["These targets are for a GPU (bf16, Backpack-Small); this run had no GPU, so the comparison below "
                   "only shows that every number was produced.", ""]

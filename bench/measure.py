@@ -253,7 +253,7 @@ def bench_generate(
 ) -> dict:
     """Greedy generation of `new_tokens` per batch size, for each variant in `modes` (see GENERATE_MODES).
 
-    Variants run in the order issue 10's targets need them (default cache, the no-cache loop, static + compile,
+    Variants run in the order the GPU targets need them (default cache, the no-cache loop, static + compile,
     static, GPT-2 static + compile), each over every batch size, so that a run cut short by a time box loses the
     least needed ones. The two default-cache `generate()` calls are interleaved repetition by repetition; the others
     run after them in the same process. `on_partial` receives the results after every variant and batch size.

@@ -1,4 +1,4 @@
-"""Backpack GPT-2 vs GPT-2: speed and memory, side by side in one run (issue 6).
+"""Backpack GPT-2 vs GPT-2: speed and memory, side by side in one run.
 
     python bench/run.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                         [--config tiny|micro|mini|small] [--attn sdpa|eager|flash_attention_2]
@@ -44,7 +44,15 @@ from backpack_bench.measure import (
     bench_train_step,
 )
 from backpack_bench.memory import bench_memory
-from backpack_bench.report import RATIO_KEYS, TARGETS, headline_ratios, markdown_table, plot_ratios, target_met
+from backpack_bench.report import (
+    MET_LEGEND,
+    RATIO_KEYS,
+    TARGETS,
+    headline_ratios,
+    markdown_table,
+    plot_ratios,
+    target_met,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -299,6 +307,7 @@ def main(argv: Sequence[str] | None = None, sizes: BenchSizes | None = None) -> 
           f"{meta['threads']} threads, data: {meta['data']}{', --quick' if args.quick else ''}); "
           f"{meta['elapsed_s']:.0f} s\n")
     print(markdown_table(results))
+    print(f"\n{MET_LEGEND}")
     for note in sizes.notes:
         print(f"\nNote: {note}")
     if args.json_path:

@@ -1,5 +1,6 @@
 """Shared test fixtures: the reference data beside the checkout, and tiny random Backpacks."""
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -57,7 +58,12 @@ def hub_folder(source: Path, destination: Path) -> Path:
     return destination
 
 
-@pytest.fixture(scope="session")
-def expected() -> dict:
-    """The published implementation's float64 outputs on the tiny checkpoint."""
+@functools.cache
+def _expected_outputs() -> dict:
     return torch.load(TINY_CHECKPOINT / "expected.pt", weights_only=True)
+
+
+@pytest.fixture
+def expected() -> dict:
+    """The published implementation's float64 outputs on the tiny checkpoint (read once per test run)."""
+    return _expected_outputs()

@@ -194,5 +194,5 @@ def test_device_check_smoke_runs_every_step(tmp_path):
     assert summary["measured"]["forward_ratio_backpack_over_gpt2"] > 0
     assert all(row["value"] is not None or "error" in row for row in summary["golden"])
     page = (out / "summary.md").read_text()
-    assert "## Issue 10 targets" in page and "this run had no GPU" in page
+    assert "## GPU targets" in page and "this run had no GPU" in page
     print(f"device check smoke: {elapsed:.0f} s")
