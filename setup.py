@@ -1,10 +1,16 @@
 """Backpack GPT-2: load, generate from, train, inspect and steer Backpack language models."""
 
+import warnings
 from pathlib import Path
 
 from setuptools import setup
 
 HERE = Path(__file__).parent
+
+# An editable install maps train/, bench/ and demo/ to backpack_train, backpack_bench and backpack_demo through an
+# import finder, and setuptools then warns that folders of the working directory named like a package take
+# precedence during imports: here those folders (backpack/, backpack_hub/) are the packages themselves.
+warnings.filterwarnings("ignore", message="Editable installation", category=UserWarning)
 
 TRAIN = ["accelerate>=1.0", "datasets>=3.0", "gensim>=4.3", "tensorboard", "pyyaml", "tqdm"]
 EVAL = ["scipy", "matplotlib", "gensim>=4.3", "tqdm"]

@@ -38,5 +38,5 @@ cat <<NEXT
   python demo/app.py $model        # the browser demo (pip install -e '.[demo]' first)
   bash scripts/test.sh             # the test suite
 On a GPU, the paper's smallest size on OpenWebText (README.md, "Train on a GPU"):
-  accelerate launch --config_file train/accelerate_configs/single_gpu.yaml train/pretrain.py --config micro --dataset openwebtext
+  accelerate launch --config_file train/accelerate_configs/single_gpu.yaml train/pretrain.py --config micro --dataset Skylion007/openwebtext
 NEXT

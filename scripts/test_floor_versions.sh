@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The model tests on the oldest torch and transformers that setup.py admits, in a virtual environment of their own
+# (default ${TMPDIR:-/tmp}/backpack-floor-venv; it is reused). What `pip install -e .` keeps on a machine that has an
+# older torch is what these tests pass on.
+#
+#   bash scripts/test_floor_versions.sh                                   # the floors in setup.py
+#   TORCH=2.11.0 TRANSFORMERS=5.17.0 bash scripts/test_floor_versions.sh  # any other pair
+#   VENV=/tmp/other bash scripts/test_floor_versions.sh -k golden         # extra arguments go to pytest
+#
+# On Linux, PyPI's torch is a CUDA build of several GB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+floor() { sed -nE "s/.*\"$1>=([0-9.]+).*/\1/p" setup.py | head -1; }
+TORCH=${TORCH:-$(floor torch)}
+TRANSFORMERS=${TRANSFORMERS:-$(floor transformers)}
+# `X.Y` in setup.py is release X.Y.0
+[[ $TORCH =~ ^[0-9]+\.[0-9]+$ ]] && TORCH=$TORCH.0
+[[ $TRANSFORMERS =~ ^[0-9]+\.[0-9]+$ ]] && TRANSFORMERS=$TRANSFORMERS.0
+VENV=${VENV:-${TMPDIR:-/tmp}/backpack-floor-venv}
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+. "$VENV/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+echo "Installing torch $TORCH and transformers $TRANSFORMERS into $VENV ..."
+python -m pip install --quiet "torch==$TORCH" "transformers==$TRANSFORMERS"
+# The project on top, without letting pip move either of them.
+python -m pip install --quiet -e '.[export,peft]' pytest accelerate "torch==$TORCH" "transformers==$TRANSFORMERS"
+python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+python -m pytest -q tests/test_model.py tests/test_model_decoding.py tests/test_model_conventions.py \
+    tests/test_model_hygiene.py "$@"
