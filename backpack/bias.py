@@ -62,6 +62,10 @@ ESTIMATION_PROMPTS: tuple[str, ...] = (
 DEFAULT_SCALES: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(101))
 """γ grid for the per-profession fit: 0, 0.01, ..., 1."""
 
+MAX_SCALES = 100_000
+"""Most γ values a grid may have: the fit holds a (scales, prompts) float64 table per profession (100,000 x 5
+prompts is 4 MB); a grid of 1e9 steps would exhaust the memory before the first profession."""
+
 
 def fill_prompt(prompt: str, profession: str) -> str:
     """The prompt with PROFESSION replaced."""
@@ -173,6 +177,8 @@ def evaluate_bias(
 ) -> BiasReport:
     """The paper's Table 5 rows for `model`: unmodified, sense ℓ removed, per-profession optimal scale."""
     sense = check_sense_index(sense, model.config.num_senses)
+    if len(scales) > MAX_SCALES:
+        raise ValueError(f"{len(scales):,} scales; at most {MAX_SCALES:,}")
     scales = [check_finite("scale", s) for s in scales]
     if not scales or not professions or not evaluation_prompts or not estimation_prompts:
         raise ValueError("need at least one scale, profession, evaluation prompt and estimation prompt")

@@ -60,6 +60,32 @@ def _probability(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    """argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ``xpu``)."""
+    expected = f"expected a torch device such as cpu, cuda, cuda:1 or mps, got {text!r}"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(expected) from error
+    if device.type == "cpu":
+        return text
+    backend = {"cuda": torch.cuda, "mps": getattr(torch, "mps", None), "xpu": getattr(torch, "xpu", None)}.get(
+        device.type)
+    if backend is None:
+        raise argparse.ArgumentTypeError(expected)
+    try:
+        count = backend.device_count() if device.type == "mps" or backend.is_available() else 0
+    except (AssertionError, RuntimeError):  # a torch built without that backend
+        count = 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no {device.type.upper()} device that torch can "
+                                         "use; use --device cpu")
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {device.type.upper()} device(s), "
+                                         f"{device.type}:0 to {device.type}:{count - 1}")
+    return text
+
+
 def _note(args, message: str) -> None:
     """A stated adjustment (the command still runs), on stderr so that stdout stays the result."""
     print(f"backpack {args.command}: note: {message}", file=sys.stderr)
@@ -106,16 +132,21 @@ def _edit_spec(text: str) -> tuple[str | int, str | int, str | int]:
 
 
 def _scales_spec(text: str) -> list[float]:
-    """``START:STOP:STEP`` (inclusive) or ``a,b,c`` -> the γ grid."""
+    """``START:STOP:STEP`` (inclusive) or ``a,b,c`` -> the γ grid (at most `MAX_SCALES` values)."""
+    from .bias import MAX_SCALES
+
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
             if not all(math.isfinite(x) for x in (start, stop, step)) or step <= 0 or stop < start:
                 raise ValueError
             count = int(round((stop - start) / step)) + 1
+            if count > MAX_SCALES:  # refused before a list of that many floats is built
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} makes {count:,} scales; at most {MAX_SCALES:,} (use a larger STEP)")
             return [round(start + i * step, 10) for i in range(count)]
         scales = [float(x) for x in text.split(",") if x]
-        if not scales or not all(math.isfinite(x) for x in scales):
+        if not scales or not all(math.isfinite(x) for x in scales) or len(scales) > MAX_SCALES:
             raise ValueError
         return scales
     except ValueError as error:
@@ -124,7 +155,7 @@ def _scales_spec(text: str) -> list[float]:
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model folder (exported by the trainer / save_pretrained)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="cpu", type=_device, help="torch device (default cpu)")
 
 
 def _add_interventions(parser: argparse.ArgumentParser) -> None:

@@ -205,7 +205,8 @@ def estimate_parameters(config: dict) -> int:
     """Parameters of a GPT-2 or Backpack configuration (tied embeddings counted once), from its sizes alone.
 
     GPT-2: ``V·d + P·d + L·(4d² + 2d·i + 9d + i) + 2d`` with ``i = n_inner or 4d``; a Backpack adds its sense
-    network ``d·s·d + s·d·k·d + 2d·i`` (s the intermediate scale, k the senses) and the weight network ``2d²``.
+    network ``8d² + d·s·d + s·d·k·d`` (its block's FFN is 4d wide; s the intermediate scale, k the senses) and
+    the weight network ``2d²``, plus biases and layer norms.
     """
     vocab, embd = config.get("vocab_size", 50257), config.get("n_embd", 768)
     layers, positions = config.get("n_layer", 12), config.get("n_positions", 1024)
@@ -214,7 +215,7 @@ def estimate_parameters(config: dict) -> int:
     count += 2 * embd
     if is_backpack_config(config):
         senses, scale = config.get("num_senses", 16), config.get("sense_intermediate_scale", 4)
-        count += 2 * embd * inner + inner + 7 * embd  # the sense network's block and layer norms
+        count += 8 * embd * embd + 4 * embd + 7 * embd  # the sense network's block (a 4d FFN) and layer norms
         count += embd * scale * embd + scale * embd + scale * embd * senses * embd + senses * embd  # final FFN
         count += 2 * embd * embd + 2 * embd  # the weight network's queries and keys
     return count
@@ -235,8 +236,12 @@ def available_memory() -> int | None:
         return None
 
 
-def _gigabytes(size: float) -> str:
-    return f"{size / 1e9:.3g} GB"
+def _bytes(size: float) -> str:
+    """A memory size in decimal units: ``3.2 GB``, ``850 MB``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} bytes"
 
 
 def check_memory(config: dict, where: str, dtype: torch.dtype | None = None) -> None:
@@ -253,8 +258,8 @@ def check_memory(config: dict, where: str, dtype: torch.dtype | None = None) -> 
     if parameters * element > available:
         sizes = ", ".join(f"{key} {config[key]}" for key in SIZE_KEYS + BACKPACK_SIZE_KEYS if key in config)
         raise ModelLoadError(f"{where}: these sizes ({sizes}) make about {parameters:,} parameters, "
-                             f"{_gigabytes(parameters * element)} in {str(dtype or torch.float32).split('.')[-1]}, "
-                             f"more than the {_gigabytes(available)} of memory available on this machine")
+                             f"{_bytes(parameters * element)} in {str(dtype or torch.float32).split('.')[-1]}, "
+                             f"more than the {_bytes(available)} of memory available on this machine")
 
 
 def _weight_files(name: str, *, revision: str | None, token: str | bool | None,
@@ -336,9 +341,10 @@ def check_finite_weights(model: torch.nn.Module, files: list[Path], where: str) 
     source = str(files[0]) if len(files) == 1 else where
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
-            raise ModelLoadError(f"{source}: weight {name} holds {nan:,} NaN and {inf:,} infinite value(s) "
-                                 f"({str(tensor.dtype).split('.')[-1]}); a broken checkpoint")
+            counts = [f"{int(count):,} {label}" for count, label in ((torch.isnan(tensor).sum(), "NaN"),
+                                                                      (torch.isinf(tensor).sum(), "infinite")) if count]
+            raise ModelLoadError(f"{source}: weight {name} holds {' and '.join(counts)} value(s) "
+                                 f"({str(tensor.dtype).removeprefix('torch.')}); weights must be finite")
 
 
 def _few(names: list[str], count: int = 5) -> str:

@@ -41,10 +41,15 @@ MIN_PAIRS = 3
 
 def _read_lines(path: str) -> list[str]:
     """The file's lines, decoded as UTF-8; ValueError naming the file and line of the first undecodable byte."""
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise ValueError(f"similarity file {path!r} is a folder; expected a ratings file (word word score lines)")
+    if not os.path.exists(path):
         raise ValueError(f"similarity file {path!r} does not exist")
-    with open(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise ValueError(f"can't read similarity file {path!r}: {error.strerror or error}") from error
     try:
         return data.decode("utf-8").splitlines()
     except UnicodeDecodeError as error:

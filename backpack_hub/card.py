@@ -6,6 +6,8 @@ perplexity exp(0) = 1.0), or recorded none, gets no model-index entry and no per
 
 from __future__ import annotations
 
+import html
+import json
 import math
 import os
 import re
@@ -33,8 +35,37 @@ CITATION = """\
 }"""
 
 
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+
+
+def _text(value) -> str:
+    """A recorded value as plain text in the card: HTML and markdown in it are shown, never rendered.
+
+    The values come from the checkpoint's ``training_args.json``, which anyone can write: ``<img src=...>`` or a
+    link in a dataset name must not become part of the page, and a ``|`` must not split a table row.
+    """
+    text = " ".join(str(value).split())  # one line: a newline would end the table row
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def _code(value) -> str:
+    """A recorded value set in code type, as text (a backtick span would still split a table row at a ``|``)."""
+    return f"<code>{_text(value)}</code>"
+
+
+def _number(value, spec: str = "") -> str:
+    """A recorded number formatted with ``spec``; anything else shown as text."""
+    return format(value, spec) if _is_number(value) else _text(value)
+
+
+def python_string(value: str) -> str:
+    """``value`` as a double-quoted Python string literal that no quote or backtick in it can end early
+    (it goes into the card's code blocks: a revision with quotes must not break out of the snippet)."""
+    return json.dumps(value).replace("`", "\\u0060")
+
+
 def _fmt_int(value) -> str:
-    return f"{int(value):,}" if isinstance(value, (int, float)) else "not recorded"
+    return f"{int(value):,}" if _is_number(value) else "not recorded"
 
 
 def _fmt_duration(seconds) -> str:
@@ -57,11 +88,12 @@ def describe_data(args: dict) -> tuple[str, str, str | None]:
     dataset, files = args.get("dataset"), args.get("data_files")
     if dataset:
         hub_id = _hub_dataset_id(dataset)
-        config = f" ({args['dataset_config']})" if args.get("dataset_config") else ""
-        shown = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if hub_id else f"`{Path(dataset).name}`"
-        return f"{shown}{config}", (hub_id or Path(dataset).name), hub_id
+        config = f" ({_text(args['dataset_config'])})" if args.get("dataset_config") else ""
+        shown = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if hub_id else _code(Path(str(dataset)).name)
+        return f"{shown}{config}", (hub_id or Path(str(dataset)).name), hub_id
     if files:
-        names = ", ".join(f"`{Path(f).name}`" for f in files[:5]) + (" ..." if len(files) > 5 else "")
+        files = files if isinstance(files, list) else [files]
+        names = ", ".join(_code(Path(str(f)).name) for f in files[:5]) + (" ..." if len(files) > 5 else "")
         return f"local text files ({names})", "local text files", None
     if args:
         return EMBEDDED_CORPUS, "embedded offline corpus", None
@@ -120,7 +152,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def _usage_section(repo_id: str, revision: str | None) -> str:
-    rev = f', revision="{revision}"' if revision and revision != "main" else ""
+    rev = f", revision={python_string(revision)}" if revision and revision != "main" else ""
+    repo_id = python_string(repo_id)
     return f"""\
 ## How to use
 
@@ -130,19 +163,19 @@ loading with transformers alone needs `trust_remote_code=True`, which runs that 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})
+model = AutoModelForCausalLM.from_pretrained({repo_id}{rev}, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained({repo_id}{rev})
 ```
 
 With the `backpack-gpt2` package installed, its own classes load the same weights without running the repo's
-code: `model, tokenizer = backpack.load_model("{repo_id}"{rev})`.
+code: `model, tokenizer = backpack.load_model({repo_id}{rev})`.
 
 ### Generate
 
 ```python
 from transformers import pipeline
 
-generator = pipeline("text-generation", model="{repo_id}"{rev}, trust_remote_code=True)
+generator = pipeline("text-generation", model={repo_id}{rev}, trust_remote_code=True)
 print(generator("The river bank", max_new_tokens=30, do_sample=True, top_p=0.9)[0]["generated_text"])
 ```
 
@@ -170,10 +203,10 @@ def _training_section(checkpoint: Checkpoint, data_prose: str) -> str:
     rows: list[tuple[str, str]] = [("Data", data_prose)]
     max_steps = args.get("max_steps")
     step_text = _fmt_int(checkpoint.step)
-    if checkpoint.step is not None and max_steps:
+    if checkpoint.step is not None and _is_number(max_steps) and max_steps:
         step_text += f" of {int(max_steps):,} scheduled"
     if metrics.get("stopped_by"):
-        step_text += f" (stopped early by {metrics['stopped_by']})"
+        step_text += f" (stopped early by {_text(metrics['stopped_by'])})"
     rows.append(("Optimizer steps", step_text))
     rows.append(("Training tokens", _fmt_int(checkpoint.tokens)))
     if checkpoint.tokens and checkpoint.step:
@@ -182,32 +215,35 @@ def _training_section(checkpoint: Checkpoint, data_prose: str) -> str:
         per_step = f"{_fmt_int(args.get('tokens_per_step'))} tokens per optimizer step (target)"
     if args.get("batch_size"):
         accumulation = args.get("gradient_accumulation_steps")
-        per_step += f"; {args['batch_size']} sequences of {args.get('n_positions', '?')} tokens per device per " \
-                    f"micro-batch, gradient accumulation {accumulation if accumulation else 'derived from it'}"
+        per_step += f"; {_text(args['batch_size'])} sequences of {_text(args.get('n_positions', '?'))} tokens per " \
+                    f"device per micro-batch, gradient accumulation " \
+                    f"{_text(accumulation) if accumulation else 'derived from it'}"
     rows.append(("Batch", per_step))
     if "learning_rate" in args:
-        rows.append(("Schedule", f"peak learning rate {args['learning_rate']:g}, {_fmt_int(args.get('warmup_steps'))}"
-                                 f" warm-up steps, then `{args.get('lr_scheduler', 'linear')}` decay to step "
-                                 f"{_fmt_int(max_steps)}"))
-        rows.append(("Optimizer", f"AdamW (β1 {args.get('adam_beta1', 0.9)}, β2 {args.get('adam_beta2', 0.999)}, "
-                                  f"ε {args.get('adam_epsilon', 1e-8):g}), weight decay {args.get('weight_decay', 0)} "
-                                  f"on matrices only, gradient clipping {args.get('max_grad_norm', 'none')}, "
-                                  f"dropout {args.get('dropout', 'not recorded')}, seed {args.get('seed', '?')}"))
+        rows.append(("Schedule", f"peak learning rate {_number(args['learning_rate'], 'g')}, "
+                                 f"{_fmt_int(args.get('warmup_steps'))} warm-up steps, then "
+                                 f"{_code(args.get('lr_scheduler', 'linear'))} decay to step {_fmt_int(max_steps)}"))
+        rows.append(("Optimizer", f"AdamW (β1 {_text(args.get('adam_beta1', 0.9))}, β2 "
+                                  f"{_text(args.get('adam_beta2', 0.999))}, "
+                                  f"ε {_number(args.get('adam_epsilon', 1e-8), 'g')}), weight decay "
+                                  f"{_text(args.get('weight_decay', 0))} on matrices only, gradient "
+                                  f"clipping {_text(args.get('max_grad_norm', 'none'))}, dropout "
+                                  f"{_text(args.get('dropout', 'not recorded'))}, seed {_text(args.get('seed', '?'))}"))
     precision = metrics.get("mixed_precision") or args.get("mixed_precision")
-    rows.append(("Precision", f"mixed precision `{precision}`" if precision and precision != "no"
+    rows.append(("Precision", f"mixed precision {_code(precision)}" if precision and precision != "no"
                  else "fp32" if precision == "no" else "Accelerate's configured default (not recorded)"))
     hardware = metrics.get("hardware") or args.get("hardware") or ("CPU" if args.get("cpu") else None)
     processes = metrics.get("num_processes") or args.get("num_processes")
-    rows.append(("Hardware", str(hardware) + (f", {processes} process(es)" if processes else "") if hardware
-                 else (f"{processes} process(es)" if processes else "not recorded")))
+    rows.append(("Hardware", _text(hardware) + (f", {_text(processes)} process(es)" if processes else "") if hardware
+                 else (f"{_text(processes)} process(es)" if processes else "not recorded")))
     time_text = _fmt_duration(metrics.get("wall_seconds") or metrics.get("train_seconds"))
     if metrics.get("train_seconds") and metrics.get("wall_seconds"):
         time_text += f" wall clock ({_fmt_duration(metrics['train_seconds'])} in the training loop)"
-    if isinstance(metrics.get("tokens_per_second"), (int, float)):
+    if _is_number(metrics.get("tokens_per_second")):
         time_text += f", {metrics['tokens_per_second']:,.0f} tokens/s"
     rows.append(("Time", time_text))
     if metrics.get("start_step"):
-        rows.append(("Resumed", f"from step {metrics['start_step']:,}"))
+        rows.append(("Resumed", f"from step {_fmt_int(metrics['start_step'])}"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     note = "" if checkpoint.metrics_are_current else (
         f"\n\nThe run's arguments come from `{checkpoint.run_file}`, written at another step than these weights; "

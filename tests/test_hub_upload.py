@@ -142,7 +142,7 @@ def test_model_card_metadata_parses_and_carries_the_run(dry_run):
     assert f'backpack.load_model("{REPO_ID}")' in text  # the way that runs no code from the repo
     assert 'pipeline("text-generation"' in text and "sense_logits" in text
     for fact in ("200 of 200 scheduled", "819,200", "4,096 tokens per optimizer step", "peak learning rate 0.0006",
-                 "20 warm-up steps", "`bf16`", "5m 20s", "544.93", "50601.20", "1,666,336"):
+                 "20 warm-up steps", "<code>bf16</code>", "5m 20s", "544.93", "50601.20", "1,666,336"):
         assert fact in text, fact
     assert "@inproceedings{hewitt-etal-2023-backpack" in text and "Backpack Language Models" in text
 
@@ -351,6 +351,31 @@ def test_validation_on_zero_tokens_gives_no_model_index_and_no_perplexity(tmp_pa
     assert "| validation, these weights | not measured (0 tokens" in evaluation
     assert "1.00" not in evaluation and "1.0000" not in evaluation and "before training" not in evaluation
     assert "| training batch, last step | 6.1200 | – |" in evaluation
+
+
+def test_recorded_fields_are_shown_as_text_and_a_quoted_revision_stays_inside_its_string(tmp_path):
+    import ast
+
+    folder = export_like_trainer(_model(), tmp_path / "model")
+    hostile = '<img src=x onerror="alert(1)"> | [click](https://evil.example) `code` **bold**'
+    record = json.loads((folder / "training_args.json").read_text())
+    record["training_args"].update(dataset=str(tmp_path / hostile.replace("/", "_")), dataset_config=hostile,
+                                   lr_scheduler="linear` <b>x</b>", adam_beta1=hostile, learning_rate="<i>lr</i>")
+    record["metrics"].update(stopped_by=hostile, hardware="<script>alert(1)</script>\n| injected | row |")
+    (folder / "training_args.json").write_text(json.dumps(record))
+    revision = 'step-1", trust_remote_code=True); import os; os.system("x") #```'
+    text = hub_upload.build_model_card(hub_upload.load_checkpoint(folder), REPO_ID, revision=revision).text
+    for raw in ("<img", "<script", "<b>", "<i>", "](https://evil", "| injected | row |"):
+        assert raw not in text, raw
+    assert "&lt;img src=x onerror=" in text and "&lt;script&gt;alert\\(1\\)&lt;/script&gt;" in text
+    training = text[text.index("## Training details"):text.index("## Evaluation")]
+    rows = [line for line in training.splitlines() if line.startswith("| ") and not line.startswith("| |")]
+    assert len(rows) >= 8 and all(line.count(" | ") == 1 for line in rows)  # two cells each: no | got through
+    # Every code block still parses, and the revision is one string argument wherever it is passed.
+    blocks = [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith("python")]
+    revisions = [keyword.value.value for block in blocks for node in ast.walk(ast.parse(block))
+                 if isinstance(node, ast.Call) for keyword in node.keywords if keyword.arg == "revision"]
+    assert len(revisions) == 3 and set(revisions) == {revision}
 
 
 def test_a_run_without_any_validation_metric_gives_no_model_index(tmp_path):

@@ -130,10 +130,11 @@ def published_cache(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def entry_points(published_cache, expected) -> dict:
+def entry_points(published_cache) -> dict:
     """What each entry point produced in a fresh offline process that loaded the published id."""
     root = published_cache["root"]
-    word_id = str(int(expected["input_ids"][0, SENSE_WORD_POSITION]))
+    input_ids = torch.load(TINY_CHECKPOINT / "expected.pt", weights_only=True)["input_ids"]
+    word_id = str(int(input_ids[0, SENSE_WORD_POSITION]))
     result_path = root / "results.pt"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(published_cache["cache"]),
                HF_MODULES_CACHE=str(root / "modules"), PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
@@ -324,6 +325,59 @@ def test_missing_weight_in_the_file_is_named(tmp_path):
     (folder / "pytorch_model.bin").unlink()
     torch.save(state, folder / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match=r"missing backpack\.sense_network\.ln\.weight$"):
+        load_model(folder)
+
+
+# --- broken checkpoints are refused before they are used ----------------------------------------------------------
+
+
+def test_an_integer_weight_in_the_published_layout_is_refused_by_id_naming_file_and_tensor(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    folder = _golden_copy(tmp_path / "source")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    state["backpack.sense_weight_net.c_attn.weight"] = state["backpack.sense_weight_net.c_attn.weight"].long()
+    (folder / "pytorch_model.bin").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    snapshot = publish_with_stand_in_code(tmp_path / "cache", "someone/int-weights", folder, tmp_path / "marker")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match=rf"{snapshot}/pytorch_model\.bin: tensor "
+                                             r"backpack\.sense_weight_net\.c_attn\.weight is stored as int64; "
+                                             "weights must be floating point"):
+        load_model("someone/int-weights")  # from_pretrained would cast it to float32 silently
+    assert not (tmp_path / "marker").exists()
+
+
+def test_parameter_estimate_is_exact_for_backpack_and_gpt2_layouts():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from backpack.loading import estimate_parameters
+    from configuration_backpack_gpt2 import BackpackGPT2Config
+
+    configs = [(BackpackGPT2Config.from_size("micro"), BackpackGPT2LMHeadModel),
+               (BackpackGPT2Config(n_embd=48, n_layer=3, n_head=4, num_senses=6, sense_intermediate_scale=2,
+                                   n_inner=100, vocab_size=300, n_positions=40), BackpackGPT2LMHeadModel),
+               (GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=500, bos_token_id=0, eos_token_id=0),
+                GPT2LMHeadModel)]
+    for config, model_class in configs:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = model_class(config)
+        unique = {id(parameter): parameter for parameter in model.parameters()}.values()
+        assert estimate_parameters(config.to_dict()) == sum(parameter.numel() for parameter in unique)
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    import backpack.loading
+    from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
+
+    folder = _golden_copy(tmp_path)
+    monkeypatch.setattr(backpack.loading, "available_memory", lambda: 1_000_000)  # 1 MB free
+    monkeypatch.setattr(BackpackGPT2LMHeadModel, "from_pretrained",
+                        classmethod(lambda *args, **kwargs: pytest.fail("the model was built")))
+    with pytest.raises(ModelLoadError, match=rf"{folder}/config.json: these sizes \(vocab_size 512, n_embd 64, "
+                                             r"n_layer 2.*make about [\d,]+ parameters, [\d.]+ MB in float32, more "
+                                             r"than the 1 MB of memory available"):
         load_model(folder)
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 
 from backpack.files import atomic_file, fsync_dir
@@ -27,11 +28,35 @@ def fsync_file(path: str) -> None:
         os.fsync(handle.fileno())
 
 
+def file_creation_mask() -> int:
+    """The process's umask (from /proc where it can be read; ``os.umask`` can only be read by setting it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def fsync_tree(root: str) -> None:
-    """Flush every file under ``root``, then every folder bottom-up (so each name points at flushed data)."""
+    """Flush every file under ``root``, then every folder bottom-up (so each name points at flushed data).
+
+    Every file also gets the read and write permissions the umask allows (never fewer than it had): safetensors
+    writes its files 0600, so a model shared in a cluster folder would be unreadable to the others while every
+    other file of it is 0644. This runs on every checkpoint and export before it is renamed into place.
+    """
+    allowed = 0o666 & ~file_creation_mask()
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            fsync_file(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if mode | allowed != mode and not os.path.islink(path):
+                os.chmod(path, mode | allowed)
+            fsync_file(path)
         fsync_dir(folder)
 
 
