@@ -1,70 +1,39 @@
 """Crash safety of the trainer: kill -9, a full disk and a second signal at chosen points of a save, then resume.
 
 Faults are injected deterministically (``BACKPACK_FAULT``, train/faults.py), never by timing. Every run is a
-separate process forked from a server that has already imported torch and transformers (multiprocessing's
-forkserver), so that a run costs its training, not a 7-second import; ``os.kill(SIGKILL)`` ends it as ``kill -9``
-would. One run after another resumes the previous one's output folder with ``--resume latest``: each checks
-what the previous fault left behind, and the losses of every run are compared with an uninterrupted run's.
+separate process forked from a server that has already imported torch and transformers (tests/forked_trainer.py);
+``os.kill(SIGKILL)`` ends it as ``kill -9`` would. One run after another resumes the previous one's output folder
+with ``--resume latest``: each checks what the previous fault left behind, and the losses of every run are
+compared with an uninterrupted run's.
 """
 
 import json
-import multiprocessing
 import os
 import pickle
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from forked_trainer import TINY, ForkedTrainer
 
 from backpack_train.checkpointing import checkpoint_dirs, read_training_state, verify_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-# 32 dimensions, 2 layers, dropout on (the generator states matter), a checkpoint after every step, one kept.
-# The schedule is 1,000 steps, cut with --stop_at_step (which keeps the schedule).
-ARGS = ["--config", "nano", "--n_embd", "32", "--n_layer", "2", "--n_head", "2", "--num_senses", "4",
-        "--n_positions", "32", "--batch_size", "4", "--tokens_per_step", "256", "--max_documents", "40",
-        "--eval_batches", "2", "--log_interval", "1", "--report_to", "none", "--learning_rate", "1e-2",
-        "--warmup_steps", "2", "--max_steps", "1000", "--eval_interval", "1000", "--dropout", "0.1",
+# Dropout on (the generator states matter), a checkpoint after every step, one kept. The schedule is 1,000 steps,
+# cut with --stop_at_step (which keeps the schedule).
+ARGS = [*TINY, "--eval_batches", "2", "--max_steps", "1000", "--eval_interval", "1000", "--dropout", "0.1",
         "--save_interval", "1", "--save_total_limit", "1"]
 LAST_STEP = 5
-
-
-def _trainer_process(argv: list[str], env: dict[str, str], log_path: str) -> None:
-    """Body of one forked run: output to ``log_path``, ``env`` set, then train/pretrain.py's command line."""
-    with open(log_path, "w") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
-    os.environ.update(env)
-    from backpack_train import pretrain
-
-    sys.exit(pretrain.cli(argv))
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """``trainer(output_dir, *args, fault=None) -> (exit code, output)``; a killed run's code is -9."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["backpack_train.pretrain"])
     data_cache = str(tmp_path_factory.mktemp("pretrain-data"))
-    logs = tmp_path_factory.mktemp("logs")
-    runs = []
+    forked = ForkedTrainer(tmp_path_factory.mktemp("logs"))
 
     def run(output_dir: Path, *args: str, fault: str | None = None) -> tuple[int, str]:
-        log_path = logs / f"run-{len(runs)}.log"
-        env = {"BACKPACK_FAULT": fault or "", "TOKENIZERS_PARALLELISM": "false"}
-        argv = [*ARGS, "--data_cache_dir", data_cache, "--output_dir", str(output_dir), *args]
-        process = context.Process(target=_trainer_process, args=(argv, env, str(log_path)))
-        process.start()
-        process.join(timeout=600)
-        if process.exitcode is None:
-            process.kill()
-            raise AssertionError(f"run {' '.join(args)} (fault {fault}) did not finish in 10 minutes")
-        runs.append(log_path)
-        return process.exitcode, log_path.read_text()
+        return forked([*ARGS, "--data_cache_dir", data_cache, "--output_dir", str(output_dir), *args], fault=fault)
 
     return run
 
@@ -176,17 +145,17 @@ def test_kill_full_disk_and_second_signal_during_saves_then_resume_exactly(train
     assert sorted(losses(output_dir)) == list(range(1, LAST_STEP + 1))
     assert_same_losses(output_dir, reference)
 
-    # Once more: nothing at all is written.
-    before = snapshot(output_dir)
+    # Once more: nothing at all is written (but the lock file's record of who holds the folder).
+    before = snapshot(output_dir, ignore=("trainer.lock",))
     code, output = trainer(output_dir, "--resume", "latest", "--stop_at_step", str(LAST_STEP))
     assert code == 0 and "Nothing to do" in output and "copied" not in output
-    assert snapshot(output_dir) == before
+    assert snapshot(output_dir, ignore=("trainer.lock",)) == before
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under ``folder`` with its size and modification time."""
+def snapshot(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``folder`` with its size and modification time (but the names in ``ignore``)."""
     return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns) for path in
-            [folder, *folder.rglob("*")]}
+            [folder, *folder.rglob("*")] if path.name not in ignore}
 
 
 class _Payload:
@@ -204,15 +173,14 @@ def test_corrupt_foreign_and_crafted_checkpoints_are_skipped_and_never_deleted(t
     shutil.copytree(reference, output_dir)
     older, newest = checkpoint_dirs(str(output_dir))
     assert read_training_state(older).step == LAST_STEP - 1 and read_training_state(newest).step == LAST_STEP
-    weights = Path(newest) / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # truncated after the save
+    flip_a_bit(Path(newest) / "model.safetensors")  # same size: only the SHA-256 tells
     shutil.copytree(older, output_dir / "checkpoints" / "checkpoint_7_broken")  # foreign names are ignored
     (output_dir / "checkpoints" / "notes").mkdir()
 
     code, output = trainer(output_dir, "--resume", "latest", "--stop_at_step", str(LAST_STEP),
                            "--save_total_limit", "2")
     assert code == 0, output[-3000:]
-    assert f"warning: skipping {newest}: model.safetensors has" in output
+    assert f"warning: skipping {newest}: model.safetensors does not match its SHA-256" in output
     assert resumed_step(output) == LAST_STEP - 1
     assert_same_losses(output_dir, reference)
     folders = checkpoint_dirs(str(output_dir))
@@ -232,6 +200,32 @@ def test_corrupt_foreign_and_crafted_checkpoints_are_skipped_and_never_deleted(t
     assert f"skipping {folders[-1]} holds files its checkpoint.json does not list: custom_checkpoint_0.pkl" in output
     assert resumed_step(output) == LAST_STEP - 1
     assert not marker.exists()
+
+
+def flip_a_bit(path: Path) -> None:
+    """Corrupt a file without changing its size: one bit of its last byte (a weight's sign, in a weights file)."""
+    content = bytearray(path.read_bytes())
+    content[-1] ^= 0x80
+    path.write_bytes(bytes(content))
+
+
+def test_a_run_whose_checkpoints_are_all_corrupt_is_never_started_over(trainer, reference, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference, output_dir)
+    older, newest = checkpoint_dirs(str(output_dir))
+    weights = Path(older) / "optimizer.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # truncated
+    flip_a_bit(Path(newest) / "model.safetensors")  # same size
+    before = snapshot(output_dir, ignore=("trainer.lock",))
+
+    code, output = trainer(output_dir, "--resume", "latest", "--stop_at_step", str(LAST_STEP + 2))
+    assert code == 1, output[-3000:]
+    assert "error: --resume latest: none of the 2 checkpoint(s)" in output
+    assert f"{newest}: model.safetensors does not match its SHA-256" in output
+    assert f"{older}: optimizer.bin has" in output and "(truncated or replaced)" in output
+    assert "start over with --overwrite_output_dir true" in output
+    assert "Traceback" not in output
+    assert snapshot(output_dir, ignore=("trainer.lock",)) == before  # nothing pruned, nothing written
 
 
 def test_a_file_that_does_not_read_back_stops_the_manifest(tmp_path):

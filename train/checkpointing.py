@@ -8,7 +8,9 @@ is in its ``training_state.json``). It holds
   ``torch.load(weights_only=True)``.
 * ``rng_state_<process>.safetensors``: every process's generator states (tensors + JSON, see train/rng.py),
   instead of Accelerate's pickled ``random_states_<process>.pkl``, which is removed.
-* ``training_state.json``: the run's position, ``{"step", "micro_batches", "tokens", "sequences_per_step"}``.
+* ``training_state.json``: the run's position in global units, ``{"step", "sequences", "tokens",
+  "sequences_per_step"}``: optimizer steps done, sequences of the data order read (train/data_order.py), tokens
+  seen, and the global batch of the last step; nothing depends on how a step was split over processes.
 * ``model/``: the exported Hugging Face folder of these weights.
 * ``checkpoint.json``, the manifest, written last: ``{"format": 1, "step": ..., "files": {path: {"bytes": ...,
   "sha256": ...}}}``. A checkpoint is complete when its manifest exists and every file matches it.
@@ -63,10 +65,11 @@ class CheckpointError(Exception):
 
 @dataclass
 class TrainingState:
-    """Where the run is: optimizer steps done, micro-batches consumed per process, tokens seen (all processes)."""
+    """Where the run is, in global units: optimizer steps done, sequences of the data order read (all processes
+    together), tokens seen, and the global batch (sequences per step) of the last step."""
 
     step: int = 0
-    micro_batches: int = 0
+    sequences: int = 0
     tokens: int = 0
     sequences_per_step: int = 0
 
@@ -75,7 +78,15 @@ class TrainingState:
 
     @classmethod
     def from_dict(cls, values: dict, where: str) -> TrainingState:
-        """Read the JSON of ``training_state.json``, checking that every key is a non-negative integer."""
+        """Read the JSON of ``training_state.json``, checking that every key is a non-negative integer.
+
+        Files of earlier trainers count ``micro_batches`` of one process instead of ``sequences``; their position
+        is ``step x sequences_per_step`` (every step of such a run had that size).
+        """
+        if isinstance(values, dict) and "sequences" not in values and "micro_batches" in values:
+            step, per_step = values.get("step"), values.get("sequences_per_step")
+            if isinstance(step, int) and isinstance(per_step, int):
+                values = {**values, "sequences": step * per_step}
         names = [field.name for field in fields(cls)]
         if not isinstance(values, dict) or any(
                 not isinstance(values.get(name), int) or isinstance(values.get(name), bool) or values[name] < 0
@@ -199,6 +210,16 @@ def verify_checkpoint(path: str) -> TrainingState:
     return state
 
 
+def checkpoint_settings(path: str) -> dict:
+    """The settings of the run that saved a checkpoint (``training_args`` of its export); {} when not recorded."""
+    try:
+        with open(os.path.join(path, EXPORT_DIR, "training_args.json"), encoding="utf-8") as handle:
+            settings = json.load(handle).get("training_args")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
 def newest_complete(output_dir: str) -> tuple[str, int] | None:
     """The newest checkpoint with a manifest and its step (no file is hashed: for messages, not for resuming)."""
     for path in reversed(checkpoint_dirs(output_dir)):
@@ -220,18 +241,32 @@ def describe_newest(output_dir: str) -> str:
 def find_resume_point(resume: str | None, output_dir: str) -> tuple[ResumePoint | None, list[str]]:
     """The checkpoint that ``--resume`` names, verified, and why newer ones were skipped.
 
-    ``latest``: the newest complete, intact checkpoint of ``output_dir`` (None when there is none), skipping
-    incomplete or corrupt ones (their reasons are returned). A path: that checkpoint, or an error saying why not.
+    ``latest``: the newest complete, intact checkpoint of ``output_dir``, skipping incomplete or corrupt ones
+    (their reasons are returned); None when the folder has no checkpoint at all (a new run). A path: that
+    checkpoint, or an error saying why not.
+
+    Raises:
+        CheckpointError: ``latest`` found checkpoints but none that can be resumed. The run is not started over on
+            top of them (its saves would prune them): the message names each one and why, and says how to start
+            over. Nothing is changed.
     """
     if resume is None:
         return None, []
     if resume == "latest":
         skipped = []
-        for path in reversed(checkpoint_dirs(output_dir)):
+        folders = checkpoint_dirs(output_dir)
+        for path in reversed(folders):
             try:
                 return ResumePoint(path, verify_checkpoint(path)), skipped
             except CheckpointError as error:
                 skipped.append(str(error))
+        if folders:
+            raise CheckpointError(
+                f"--resume latest: none of the {len(folders)} checkpoint(s) in {checkpoints_root(output_dir)} can be "
+                f"resumed ({'; '.join(reversed(skipped))}). Nothing was changed. Repair or restore one (or resume it "
+                "with --resume PATH once it verifies), or start over with --overwrite_output_dir true, which removes "
+                "them."
+            )
         return None, skipped
     if not os.path.isdir(resume):
         raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
@@ -412,14 +447,26 @@ def prune_checkpoints(output_dir: str, keep: int | None, just_saved: str | None 
     return removed
 
 
+def saved_processes(path: str) -> int:
+    """How many processes saved a checkpoint (one generator-state file each)."""
+    return sum(1 for name in os.listdir(path) if re.fullmatch(r"rng_state_\d+\.safetensors", name))
+
+
 def load_checkpoint(accelerator: Accelerator, point: ResumePoint) -> TrainingState:
-    """Load a verified checkpoint into the prepared objects and this process's generators; returns its state."""
+    """Load a verified checkpoint into the prepared objects and this process's generators; returns its state.
+
+    Accelerate's own micro-batch counter (``accelerator.step``, which decides on which micro-batch gradients are
+    synchronised and the optimizer steps) starts again at 0: a checkpoint is always taken at a step boundary, and
+    the counter of the saving run (another accumulation, another process count) means nothing to this one.
+    """
     accelerator.load_state(point.path)  # model, optimizer, scheduler: safetensors and weights_only loads
+    accelerator.step = 0
+    saved_by = saved_processes(point.path)
+    if saved_by != accelerator.num_processes:
+        accelerator.print(f"note: {point.path} was saved by {saved_by} process(es), this run has "
+                          f"{accelerator.num_processes}: the data order and the schedule continue exactly; dropout "
+                          "masks differ from those of an uninterrupted run")
     rng_path = os.path.join(point.path, rng_file_name(accelerator.process_index))
     if os.path.isfile(rng_path):
         load_rng_state(rng_path)
-    else:
-        accelerator.print(f"warning: {point.path} has no generator state for process {accelerator.process_index} "
-                          "(saved by fewer processes): dropout masks will differ from an uninterrupted run")
-    accelerator.step = point.state.micro_batches  # gradient accumulation counts micro-batches from here
     return TrainingState(**point.state.state_dict())

@@ -261,3 +261,79 @@ def as_dict(*args_objects) -> dict:
     for args in args_objects:
         merged.update(asdict(args))
     return merged
+
+
+# --- resuming: the checkpoint's settings, and what the command says on top of them ------------------------------
+
+# What the weights fix: a checkpoint cannot continue with another value.
+FIXED_AT_RESUME = ("model", "n_embd", "n_layer", "n_head", "n_positions", "num_senses", "sense_intermediate_scale",
+                   "vocab_size")
+# What changes the data the run sees: allowed, with a warning (the run is no longer the original one).
+DATA_AT_RESUME = ("dataset", "dataset_config", "data_files", "text_column", "text_sample_by", "streaming",
+                  "validation_fraction", "validation_documents", "max_documents", "data_seed")
+# What belongs to one invocation, not to the run: always this command's value.
+OWN_TO_INVOCATION = ("output_dir", "overwrite_output_dir", "resume", "stop_at_step", "cpu", "data_cache_dir",
+                     "num_proc", "push_to_hub", "hub_private", "hub_dry_run")
+_UNSET = object()
+
+
+class SettingsError(ValueError):
+    """A setting given at resume contradicts the checkpoint (e.g. another model shape); the message names it."""
+
+
+def explicit_keys(argv: list[str], dataclass_types: tuple[type, ...] = (DataArguments, TrainArguments)) -> set[str]:
+    """The keys a command sets itself, on its command line or in its ``--config`` file (not by a default).
+
+    A ``--size`` given either way sets the shape keys too.
+    """
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=None)
+    names = [f.name for cls in dataclass_types for f in fields(cls)]
+    parser.set_defaults(**dict.fromkeys(names, _UNSET))
+    namespace, _ = parser.parse_known_args(list(argv))
+    given = {name for name in names if getattr(namespace, name, _UNSET) is not _UNSET}
+    if namespace.config is not None:
+        given |= set(_yaml_values(namespace.config))
+    if "size" in given:
+        given |= {key for shape in MODEL_SIZES.values() for key in shape}
+    return given
+
+
+def apply_checkpoint_settings(data_args: DataArguments, args: TrainArguments, saved: dict,
+                              given: set[str]) -> list[str]:
+    """Continue a run with its checkpoint's settings, except those the command gives; returns lines to print.
+
+    ``saved`` is the checkpoint's record of its run's settings (``training_args`` of its export), ``given`` what
+    the command sets itself (:func:`explicit_keys`). A key the command does not give takes the checkpoint's value,
+    so ``--resume latest`` alone continues the run as it was. A key it gives wins, and a changed value is one line,
+    ``learning_rate 1e-05 (checkpoint: 0.01)``; a changed seed or data source is a warning line.
+
+    Raises:
+        SettingsError: a key the weights fix (model, shape, vocabulary, senses) differs, naming each one.
+    """
+    lines, fixed = [], []
+    for target in (args, data_args):
+        for name in (f.name for f in fields(target)):
+            if name in OWN_TO_INVOCATION or name not in saved:
+                continue
+            value, before = getattr(target, name), saved[name]
+            if name not in given:
+                setattr(target, name, before)
+            elif value == before or name == "size":  # a size is a name for shape keys, compared one by one
+                continue
+            elif name in FIXED_AT_RESUME:
+                fixed.append(f"{name} {value} (checkpoint: {before})")
+            elif name == "seed":
+                lines.append(f"warning: seed {value} (checkpoint: {before}): the data order and dropout masks differ "
+                             "from the original run's from here on")
+            elif name in DATA_AT_RESUME:
+                lines.append(f"warning: {name} {value} (checkpoint: {before}): the run continues on other data")
+            else:
+                lines.append(f"{name} {value} (checkpoint: {before})")
+    if fixed:
+        raise SettingsError(
+            f"cannot resume with {', '.join(fixed)}: the checkpoint's weights fix the model, its shape, vocabulary "
+            "and senses. Leave these out (the checkpoint's values are used), or start a new run in another "
+            "--output_dir."
+        )
+    return lines

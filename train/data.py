@@ -288,20 +288,11 @@ def collate_blocks(examples: list[dict], eos_token_id: int = 50256) -> dict[str,
     return {"input_ids": inputs, "targets": blocks[:, 1:].clone()}
 
 
-def make_dataloaders(packed, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training batches (full batches only) and ordered validation batches.
+def make_validation_loader(packed, batch_size: int) -> DataLoader:
+    """Validation batches in order (training batches follow the run's data order: train/data_order.py).
 
-    Each loader has its own seeded generator so that starting an epoch never draws from the global RNG: a
-    resumed run then sees the same dropout masks as an uninterrupted one.
+    The loader has its own generator, so that starting to iterate it never draws from the global RNG: a resumed
+    run then sees the same dropout masks as an uninterrupted one.
     """
-    train, validation = packed["train"], packed["validation"]
-    streaming = isinstance(train, datasets.IterableDataset)
-    if streaming:
-        train = train.shuffle(seed=seed, buffer_size=10_000)
-    train_loader = DataLoader(train, batch_size=batch_size, shuffle=not streaming, drop_last=True,
-                              collate_fn=collate_blocks, generator=torch.Generator().manual_seed(seed))
-    validation_loader = DataLoader(validation, batch_size=batch_size, shuffle=False, collate_fn=collate_blocks,
-                                   generator=torch.Generator().manual_seed(seed))
-    if not streaming and len(train_loader) == 0:
-        raise ValueError(f"the training split has {len(train)} blocks, fewer than one batch of {batch_size}")
-    return train_loader, validation_loader
+    return DataLoader(packed["validation"], batch_size=batch_size, shuffle=False, collate_fn=collate_blocks,
+                      generator=torch.Generator().manual_seed(0))

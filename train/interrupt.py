@@ -1,7 +1,7 @@
 """SIGTERM / SIGINT: the first asks the loop to save a checkpoint and stop; a second one stops at once.
 
-The handler only raises Accelerate's trigger; the loop polls ``accelerator.check_trigger()`` once per step,
-which all processes agree on, so every process stops at the same step. A second signal raises
+The handler only records the signal (``received``); after every step the loop sums that flag over all processes
+on the CPU (no device sync), so every process stops at the same step. A second signal raises
 :class:`SecondSignal` wherever the process is. A save it interrupts removes its temporary folder (checkpoints
 are renamed into place only when complete), so what is left is the complete new checkpoint or none, and the
 previous one is untouched; the trainer then says which checkpoint is the newest.
@@ -38,7 +38,6 @@ class StopOnSignal:
         if self.received is not None:  # second signal: give up on saving
             raise SecondSignal(name, signum)
         self.received = name
-        self.accelerator.set_trigger()
 
     def __enter__(self) -> StopOnSignal:
         for sig in self.signals:

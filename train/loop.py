@@ -1,20 +1,28 @@
 """The training loop. Accelerate does all device work: placement, DDP / FSDP, mixed precision, accumulation.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches on every process; the loss shown and logged
-is their mean over all processes. The loop validates every ``eval_interval`` steps, saves a checkpoint
-(train/checkpointing.py: complete or not at all) every ``save_interval`` steps and at the end, stops cleanly
-(with a checkpoint) when the caller's :class:`~backpack_train.interrupt.StopOnSignal` saw SIGTERM / SIGINT, and stops
-without saving on a NaN / inf loss, so the last checkpoint on disk is a good one.
+One optimizer step = ``gradient_accumulation_steps`` micro-batches on every process, read from the run's data order
+in global units (train/data_order.py), so that any split of the same global batch over processes, batch size and
+accumulation trains on the same sequences. Its loss is the mean over every target token of the step, all processes
+together: each micro-batch's summed loss is divided by the step's target count (a host-side integer, summed over
+processes on the CPU), so the gradient does not depend on how the step was split either.
+
+Nothing is read back from the device in an ordinary step: the loss is read at the log interval, and a NaN / inf
+loss is remembered on the device (:class:`NonFiniteWatch`) and checked whenever values are read back anyway (log
+interval, validation, before every save), so a run with a bad loss stops without saving and the last checkpoint
+on disk is a good one. The loop validates every ``eval_interval`` steps, saves a checkpoint
+(train/checkpointing.py: complete or not at all) every ``save_interval`` steps and at the end, and stops cleanly
+(with a checkpoint) when the caller's :class:`~backpack_train.interrupt.StopOnSignal` saw SIGTERM / SIGINT on any
+process: all processes agree on it after every step, on the CPU.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
@@ -36,10 +44,11 @@ from backpack_train.checkpointing import (
     save_checkpoint,
 )
 from backpack_train.config import TrainArguments, final_step
-from backpack_train.data import make_dataloaders
+from backpack_train.data import PAD_TOKEN, make_validation_loader
+from backpack_train.data_order import StepLayout, training_batches
 from backpack_train.export import export_model
 from backpack_train.interrupt import StopOnSignal
-from backpack_train.loss import evaluate, next_token_loss
+from backpack_train.loss import evaluate, token_losses
 from backpack_train.model import build_optimizer, count_parameters
 from backpack_train.run_folder import LogHistory
 
@@ -83,19 +92,6 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int) ->
     )
 
 
-def endless_batches(accelerator: Accelerator, loader, skip: int) -> Iterator[dict]:
-    """Micro-batches epoch after epoch (reshuffled by epoch number), starting after ``skip`` of them."""
-    try:
-        per_epoch = len(loader)
-    except TypeError:  # streamed data: no length, skip by consuming
-        per_epoch = None
-    epoch, skip = divmod(skip, per_epoch) if per_epoch else (0, skip)
-    while True:
-        loader.set_epoch(epoch)
-        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
-        skip, epoch = 0, epoch + 1
-
-
 def _tracker_config(config: dict) -> dict:
     """Trackers (TensorBoard hparams) take scalars and strings only."""
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in config.items()}
@@ -130,6 +126,62 @@ def drop_tied_aliases(accelerator: Accelerator) -> Callable[[list, list[dict], s
     return hook
 
 
+class HostSums:
+    """Sums of a few integers over all processes, computed on the CPU: no device work, so no device sync.
+
+    The default process group serves when it handles CPU tensors (gloo); under NCCL a gloo group is made once.
+    """
+
+    def __init__(self, accelerator: Accelerator):
+        self.num_processes = accelerator.num_processes
+        self.group = None
+        if self.num_processes > 1 and "gloo" not in str(dist.get_backend()):
+            self.group = dist.new_group(backend="gloo")
+
+    def __call__(self, *values: int) -> list[int]:
+        if self.num_processes == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(tensor, group=self.group)
+        return tensor.tolist()
+
+
+class NonFiniteWatch:
+    """The first step whose loss was NaN or inf, kept on the device; reading it (a sync) is left to the caller."""
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        self.first_step = torch.where((self.first_step == 0) & ~torch.isfinite(loss), step, self.first_step)
+
+    def first(self, accelerator: Accelerator) -> int | None:
+        """The first bad step of any process (None: all finite). Every process must call this."""
+        steps = [step for step in accelerator.gather(self.first_step.reshape(1)).tolist() if step > 0]
+        return min(steps) if steps else None
+
+
+def apply_hyperparameters(optimizer, scheduler, args: TrainArguments) -> None:
+    """Make a resumed optimizer and scheduler use this run's hyper-parameters, not the saving run's.
+
+    ``load_state`` restores AdamW's parameter groups (learning rate, weight decay, betas, epsilon) and the
+    scheduler's base learning rates as they were saved. The schedule's shape (kind, warm-up, ``max_steps``) is
+    this run's already: the scheduler was built from ``args``, and its state holds only its position and base
+    rates. Group 0 holds the matrices that decay, group 1 the rest (train/model.py's ``optimizer_groups``).
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)
+    groups = optimizer.param_groups
+    for index, group in enumerate(groups):
+        group.update(initial_lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                     weight_decay=args.weight_decay if index == 0 else 0.0)
+    if hasattr(inner, "lr_lambdas"):  # LambdaLR: what get_scheduler builds for every schedule the loop can drive
+        inner.base_lrs = [args.learning_rate] * len(groups)
+        rates = [base * factor(inner.last_epoch) for base, factor in zip(inner.base_lrs, inner.lr_lambdas)]
+        for group, rate in zip(groups, rates):
+            group["lr"] = rate
+        inner._last_lr = rates
+
+
 def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokenizer, run_config: dict,
           stop_signal: StopOnSignal, resume: ResumePoint | None = None) -> tuple:
     """Train ``model`` on the packed splits from ``resume`` (or from scratch); returns the prepared model and the
@@ -143,26 +195,31 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
     optimizer = build_optimizer(model, args)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=args.max_steps)
-    train_loader, validation_loader = make_dataloaders(packed, args.batch_size, args.seed)
-    model, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, validation_loader, scheduler
+    validation_loader = make_validation_loader(packed, args.batch_size)
+    model, optimizer, validation_loader, scheduler = accelerator.prepare(
+        model, optimizer, validation_loader, scheduler
     )
     accelerator.register_save_state_pre_hook(drop_tied_aliases(accelerator))
-    accumulation = accelerator.gradient_accumulation_steps
-    sequences_per_step = args.batch_size * accumulation * accelerator.num_processes
+    layout = StepLayout(accelerator.num_processes, accelerator.process_index, args.batch_size,
+                        accelerator.gradient_accumulation_steps)
+    sequences_per_step = layout.sequences_per_step
     tokens_per_step = sequences_per_step * args.n_positions
 
     history = LogHistory(accelerator, args.output_dir)
     if resume is not None:
         state = load_checkpoint(accelerator, resume)
+        apply_hyperparameters(optimizer, scheduler, args)
+        accelerator.print(f"Resumed from {resume.path} at step {state.step} (sequence {state.sequences:,} of the "
+                          "data order)")
         if state.sequences_per_step not in (0, sequences_per_step):
-            accelerator.print(f"warning: the checkpoint used {state.sequences_per_step} sequences per step, this "
-                              f"run {sequences_per_step}; the data order will not match the original run")
-        accelerator.print(f"Resumed from {resume.path} at step {state.step}")
+            accelerator.print(
+                f"global batch {sequences_per_step} sequences ({tokens_per_step:,} tokens) per step (checkpoint: "
+                f"{state.sequences_per_step}): the run continues from sequence {state.sequences:,} of the data "
+                "order with the new batch")
     else:
         state = TrainingState()
         if args.resume == "latest":
-            accelerator.print(f"No complete checkpoint in {checkpoints_root(args.output_dir)}; starting from scratch")
+            accelerator.print(f"No checkpoint in {checkpoints_root(args.output_dir)}; starting from scratch")
     if args.resume is not None:  # the records past the checkpoint are logged again from here
         dropped = history.cut_after(state.step if resume is not None else -1)
         if dropped:
@@ -172,7 +229,8 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
     accelerator.init_trackers(args.run_name, config=_tracker_config(run_config))
     accelerator.print(
         f"{args.model}: {count_parameters(accelerator.unwrap_model(model)):,} parameters | {accelerator.num_processes} "
-        f"process(es) x {args.batch_size} sequences x {accumulation} accumulation = {tokens_per_step:,} tokens/step"
+        f"process(es) x {args.batch_size} sequences x {layout.accumulation} accumulation = {tokens_per_step:,} "
+        "tokens/step"
     )
 
     def validate() -> dict | None:
@@ -191,48 +249,86 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
         def write_export(folder: str) -> None:
             export_model(accelerator, model, tokenizer, folder, run_config, {"step": state.step, **final_metrics})
 
+        check_finite()  # a NaN loss since the last check: never saved
         folder = save_checkpoint(accelerator, args.output_dir, state, write_export, args.save_total_limit,
                                  say=accelerator.print)
         if args.push_to_hub:
             publish(accelerator, os.path.join(folder, "model"), args, state.step)
         return folder
 
-    metrics: dict = {"start_step": state.step, "step": state.step, "tokens": state.tokens}
-    if state.step == 0 and (start := validate()) is not None:
-        metrics.update(start_val_loss=start["loss"], start_val_perplexity=start["perplexity"])
-    last_stop = final_step(args)
-    batches = endless_batches(accelerator, train_loader, state.micro_batches)
-    progress = tqdm(total=args.max_steps, initial=state.step, desc="training",
-                    disable=not accelerator.is_local_main_process)
-    started, window_start, window_tokens, stop_reason = time.perf_counter(), time.perf_counter(), 0, None
-    while state.step < last_stop:
-        step_loss = torch.zeros((), device=accelerator.device)
-        for _ in range(accumulation):
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                loss = next_token_loss(model, batch)
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-            state.micro_batches += 1
-        step_loss = accelerator.reduce(step_loss / accumulation, reduction="mean").item()
-        if not math.isfinite(step_loss):
+    watch = NonFiniteWatch(accelerator.device)
+
+    def check_finite() -> None:
+        """Stop without saving when a step since the start had a NaN / inf loss (reads the device: a sync)."""
+        if (bad_step := watch.first(accelerator)) is not None:
             progress.close()
             accelerator.end_training()
             raise NonFiniteLossError(
-                f"loss is {step_loss} at step {state.step + 1}; stopping without saving. "
-                f"{describe_newest(args.output_dir)} Resume with --resume latest, perhaps with a lower learning_rate."
+                f"the training loss is not finite (NaN or inf) at step {bad_step}; stopping without saving. "
+                f"{describe_newest(args.output_dir)} Resume with --resume latest, perhaps with a lower learning_rate "
+                "(e.g. --learning_rate 1e-4: the command line's value is used, and said)."
             )
+
+    metrics: dict = {"start_step": state.step, "step": state.step, "tokens": state.tokens}
+    progress = tqdm(total=args.max_steps, initial=state.step, desc="training",
+                    disable=not accelerator.is_local_main_process)
+    if state.step == 0 and (start := validate()) is not None:
+        metrics.update(start_val_loss=start["loss"], start_val_perplexity=start["perplexity"])
+    last_stop = final_step(args)
+    start_tokens = state.tokens
+    batches = training_batches(packed["train"], layout, state.sequences, args.seed,
+                               pin_memory=accelerator.device.type == "cuda")
+    agree = HostSums(accelerator)
+
+    def next_step() -> tuple[list[dict], int, bool]:
+        """This process's micro-batches of the next step, the step's target tokens (all processes) and whether
+        any process was asked to stop: one CPU collective per step."""
+        micro_batches = [next(batches) for _ in range(layout.accumulation)]
+        local_targets = sum(int((batch["targets"] != PAD_TOKEN).sum()) for batch in micro_batches)
+        targets, stops = agree(local_targets, stop_signal.received is not None)
+        return micro_batches, targets, stops > 0
+
+    micro_batches, step_targets, stop = next_step() if state.step < last_stop else ([], 0, False)
+    started, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
+    stop_reason = (stop_signal.received or "signal") if stop else None
+    while state.step < last_stop and stop_reason is None:
+        # Every micro-batch's summed loss over the step's target count: the step's gradient is that of the mean
+        # over all its target tokens, whatever the split. Accelerate divides by the accumulation and DDP averages
+        # over processes; the factor undoes both.
+        targets = step_targets
+        scale = accelerator.num_processes * layout.accumulation / max(targets, 1)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for batch in micro_batches:
+            batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+            with accelerator.accumulate(model):
+                batch_loss = token_losses(model, batch).sum()
+                accelerator.backward(batch_loss * scale)
+            loss_sum += batch_loss.detach()
+        if not accelerator.sync_gradients:  # never silently a step that does not update the weights
+            raise RuntimeError(f"gradients were not synchronised after {layout.accumulation} micro-batch(es) of step "
+                               f"{state.step + 1} (accelerator.step {accelerator.step}): the optimizer would not step")
+        watch.update(loss_sum, state.step + 1)
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        state.sequences += sequences_per_step
         state.tokens += tokens_per_step
         window_tokens += tokens_per_step
         progress.update(1)
+        faults.at("after", "step")
+        if state.step < last_stop:
+            micro_batches, step_targets, stop = next_step()
+        else:
+            stop = stop_signal.received is not None
+        if stop:
+            stop_reason = stop_signal.received or "signal"
 
-        if state.step % args.log_interval == 0 or state.step == last_stop:
+        if state.step % args.log_interval == 0 or state.step == last_stop or stop:
+            check_finite()
+            step_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(targets, 1)
             elapsed = time.perf_counter() - window_start
             record = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
                       "train/tokens_per_second": window_tokens / max(elapsed, 1e-9), "train/tokens": state.tokens}
@@ -240,20 +336,18 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['train/lr']:.2e}",
                                  tok_s=f"{record['train/tokens_per_second']:,.0f}")
             window_start, window_tokens = time.perf_counter(), 0
-        metrics.update(train_loss=step_loss, step=state.step, tokens=state.tokens)
+            metrics.update(train_loss=step_loss)
+        metrics.update(step=state.step, tokens=state.tokens)
         if state.step % args.eval_interval == 0 or state.step == args.max_steps:
+            check_finite()
             if (result := validate()) is not None:
                 metrics.update(val_loss=result["loss"], val_perplexity=result["perplexity"])
-        faults.at("after", "step")
-        if accelerator.check_trigger():
-            stop_reason = stop_signal.received or "signal"
-            break
-        if state.step % args.save_interval == 0 and state.step < last_stop:
+        if stop_reason is None and state.step % args.save_interval == 0 and state.step < last_stop:
             save(metrics)
     progress.close()
     wall = time.perf_counter() - started
-    trained_tokens = state.tokens - metrics["start_step"] * tokens_per_step
-    metrics.update(train_seconds=wall, tokens_per_second=trained_tokens / max(wall, 1e-9), stopped_by=stop_reason)
+    metrics.update(train_seconds=wall, tokens_per_second=(state.tokens - start_tokens) / max(wall, 1e-9),
+                   stopped_by=stop_reason)
     folder = save(metrics)
     stopped = f" (stopped by {stop_reason})" if stop_reason else ""
     accelerator.print(f"Saved checkpoint {folder} at step {state.step}{stopped}")

@@ -10,9 +10,11 @@
     backpack-pretrain --config nano                               # the same, as the installed console script
 
 The package must be installed (`pip install -e '.[train]'`): this folder is the `backpack_train` package. Any key
-of train/config.py can follow as ``--key value``; ``--resume latest`` continues a run exactly.
+of train/config.py can follow as ``--key value``; ``--resume latest`` continues a run exactly, on any number of
+processes, with the checkpoint's settings except those the command gives (each change is one printed line).
 Exit status: 0 done (or stopped by a first SIGTERM / Ctrl-C after saving), 1 a clear error (non-finite loss, a
-failed save, a bad checkpoint, a used output folder), 128 + N a second signal N.
+failed save, a bad checkpoint, a used output folder or one another trainer holds), 2 a setting that cannot be
+used (another model shape at resume), 128 + N a second signal N.
 """
 
 from __future__ import annotations
@@ -26,22 +28,32 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from backpack.tokenizer import gpt2_tokenizer
-from backpack_train.checkpointing import CheckpointError, ResumePoint, describe_newest, find_resume_point
+from backpack_train.checkpointing import (
+    CheckpointError,
+    ResumePoint,
+    checkpoint_settings,
+    describe_newest,
+    find_resume_point,
+)
 from backpack_train.config import (
     DataArguments,
+    SettingsError,
     TrainArguments,
+    apply_checkpoint_settings,
     as_dict,
+    explicit_keys,
     final_step,
     gradient_accumulation_steps,
     parse_args,
     shorten_warmup,
+    validate_train_args,
 )
 from backpack_train.data import check_data_source, prepare_datasets
 from backpack_train.export import FINAL_EXPORT_DIR, export_final_model, restore_final_model
 from backpack_train.interrupt import SecondSignal, StopOnSignal
 from backpack_train.loop import NonFiniteLossError, build_accelerator, train, use_cpu
 from backpack_train.model import build_model
-from backpack_train.run_folder import OutputDirError, check_output_dir, clear_output_dir
+from backpack_train.run_folder import OutputDirError, check_output_dir, clear_output_dir, locked_output_dir
 
 
 def exported_step(folder: str) -> int | None:
@@ -77,16 +89,29 @@ def finish_without_training(resume: ResumePoint, args: TrainArguments, is_main_p
 def main(argv: list[str] | None = None) -> dict:
     """Parse arguments, prepare data, build the model, train, export; returns the final metrics."""
     started = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
     data_args, args = parse_args((DataArguments, TrainArguments), argv, description=__doc__)
     distributed = PartialState(cpu=use_cpu(args))
-    say = print if distributed.is_main_process else (lambda *_: None)
-    if (note := shorten_warmup(args)) is not None:
-        say(f"note: {note}")
     check_data_source(data_args)  # a missing, empty or binary data file fails here, before anything is built
+    with locked_output_dir(args.output_dir, distributed):  # one trainer per folder, from before the first look at it
+        return run(data_args, args, explicit_keys(argv), distributed, started)
+
+
+def run(data_args: DataArguments, args: TrainArguments, given: set[str], distributed: PartialState,
+        started: float) -> dict:
+    """:func:`main` once the output folder is this process's: resume or start, train, export."""
+    say = print if distributed.is_main_process else (lambda *_: None)
     check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
     resume, skipped = find_resume_point(args.resume, args.output_dir)
     for reason in skipped:
         say(f"warning: skipping {reason}")
+    if resume is not None:  # the checkpoint's settings, but for those this command gives
+        for line in apply_checkpoint_settings(data_args, args, checkpoint_settings(resume.path), given):
+            say(line)
+        validate_train_args(args)
+        check_data_source(data_args)
+    if (note := shorten_warmup(args)) is not None:
+        say(f"note: {note}")
     distributed.wait_for_everyone()  # every process has looked at the folder before any writes to it
     if resume is not None and resume.state.step >= final_step(args):
         return finish_without_training(resume, args, distributed.is_main_process)
@@ -142,6 +167,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, CheckpointError, OutputDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,17 +1,28 @@
-"""The run's output folder: refusing to reuse one by accident, clearing it on request, and its log history.
+"""The run's output folder: one trainer at a time, refusing to reuse one by accident, clearing it on request, and
+its log history.
 
 A folder that holds a run (``checkpoints/``, ``log_history.jsonl`` or ``model/``) is refused unless the command
 says what to do with it: ``--resume`` continues that run, ``--overwrite_output_dir true`` removes it first. The
 check runs before anything is written, so a refused command changes nothing.
+
+While a trainer uses a folder it holds an exclusive ``flock`` on ``<output_dir>/trainer.lock`` (which records its
+host and pid). The kernel drops the lock when the process ends, however it ends (``kill -9`` included), so no stale
+lock is ever left; a second trainer on the same folder is refused at once, naming the first.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-from collections.abc import Callable
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
 from backpack_train.atomic import remove_tree, write_bytes_atomically
 from backpack_train.checkpointing import CHECKPOINTS_DIR
@@ -22,8 +33,104 @@ LOGS_DIR = "logs"
 RUN_MARKERS = (CHECKPOINTS_DIR, LOG_HISTORY_FILE, FINAL_EXPORT_DIR)  # what makes a folder "used"
 
 
+LOCK_FILE = "trainer.lock"
+
+
 class OutputDirError(Exception):
-    """The output folder holds an earlier run and the command did not say to resume or overwrite it."""
+    """The output folder holds an earlier run and the command did not say to resume or overwrite it, or another
+    trainer is using it."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<output_dir>/trainer.lock``, held from :meth:`acquire` to :meth:`release` (or the
+    process's end). The file says who holds it: ``{"host", "pid", "since", "token"}``."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self.token: str | None = None  # set while held: what this holder wrote into the file
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`OutputDirError` naming the trainer that holds it (never waits)."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputDirError(
+                f"{self.output_dir} is in use by another trainer ({describe_holder(self.path)}): one run per output "
+                f"folder. Wait for it to finish or stop it, or choose another --output_dir.") from None
+        except OSError as error:
+            os.close(fd)
+            raise OutputDirError(f"cannot lock {self.path}: {error.strerror}") from error
+        self.token = uuid.uuid4().hex
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S %z"), "token": self.token}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        os.fsync(fd)  # other machines sharing the folder read it to learn that this process holds it
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go of the lock (the file stays: removing it would race with a trainer that just opened it)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd, self.token = None, None
+
+
+def read_lock_record(path: str) -> dict:
+    """What the holder of ``path`` wrote about itself ({} when nothing readable is there yet)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.loads(handle.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def describe_holder(path: str) -> str:
+    record = read_lock_record(path)
+    if "host" not in record:
+        return f"it has not written its host and pid into {path} yet"
+    return f"host {record['host']}, pid {record.get('pid')}, since {record.get('since')}; recorded in {path}"
+
+
+@contextmanager
+def locked_output_dir(output_dir: str, distributed: PartialState) -> Iterator[RunLock]:
+    """Hold the output folder's lock for the duration of a run; every process must enter this together.
+
+    Yields this process's :class:`RunLock` (its ``token`` is None on the processes that do not hold it).
+
+    The main process locks the folder. With several machines the folder is either shared (one file system:
+    the other machines see the main process's lock record, and lock nothing) or one per machine (each machine's
+    first process finds no such record in its own folder and locks that). A refusal anywhere stops every process
+    with the same :class:`OutputDirError`.
+    """
+    lock, error = RunLock(output_dir), None
+    if distributed.is_main_process:
+        try:
+            lock.acquire()
+        except OutputDirError as refused:
+            error = str(refused)
+    if distributed.num_processes > 1:
+        error, main_token = broadcast_object_list([error, lock.token])
+        if error is None and distributed.is_local_main_process and not distributed.is_main_process:
+            if read_lock_record(lock.path).get("token") != main_token:  # this machine's own folder
+                try:
+                    lock.acquire()
+                except OutputDirError as refused:
+                    error = str(refused)
+        errors = [found for found in gather_object([error]) if found is not None]
+        error = errors[0] if errors else None
+    try:
+        if error is not None:
+            raise OutputDirError(error)
+        yield lock
+    finally:
+        lock.release()
 
 
 def run_markers(output_dir: str) -> list[str]:
