@@ -21,7 +21,9 @@ with ``HfApi``, everything in ONE commit: a failure never leaves a half-updated 
 the repo's snapshot, swaps in the two installed code files (and ``auto_map`` in ``config.json`` if needed; the
 weights are untouched), checks in a fresh process with ``trust_remote_code=True`` that the weights load and give the
 same logits as the installed classes, then opens ONE pull request and prints its URL and the ``revision="refs/pr/N"``
-that loads it until it is merged.
+that loads it until it is merged. None of the repo's own code runs: the folder validated holds only its weights and
+configuration beside the two installed files, the tokenizer loads without remote code, and any other code the repo
+holds (``custom_generate/``, a tokenizer ``auto_map``) is named as left as it is and not validated.
 
 From Python (``train/pretrain.py --push_to_hub`` calls this, on the main process only)::
 
