@@ -13,15 +13,21 @@ This file reads in that order: sense network -> contextualization weights -> wei
 `BackpackGPT2LMHeadModel.set_sense_edit` and the `sense_weights` forward argument expose that control.
 
 The state dict has exactly the published checkpoint's names (``stanfordnlp/backpack-gpt2``), aliases included:
-``backpack.word_embeddings`` is ``backpack.gpt2_model.wte`` is ``lm_head``, and ``backpack.position_embeddings``
-is ``backpack.gpt2_model.wpe``.
+``backpack.word_embeddings`` and ``lm_head`` are tied to ``backpack.gpt2_model.wte``, and
+``backpack.position_embeddings`` to ``backpack.gpt2_model.wpe`` (transformers' tied weights).
 
 Incremental decoding uses a Backpack cache: a transformers `DynamicCache` or `StaticCache` whose `layers` are the
 Transformer's (one per GPT-2 block, as every cache tool expects) plus a `sense_layer` beside them holding the
 contextualization keys k_ℓ (batch, k, seq, d/k) and the senses C(x_j) (batch, k, seq, d). Beam search, cropping,
-batch selection and `generate(cache_implementation="static")` handle both. A decoding step asks the device nothing
-back (no `.item()`, no data-dependent shapes), so it can be captured by `torch.compile(fullgraph=True)` and CUDA
-graphs.
+batch selection and `generate(cache_implementation="static")` handle both. A plain `DynamicCache` or `StaticCache`
+that a caller passes keeps its class and gets the sense layer as an attribute; transformers' on-device exporters,
+which build their own `StaticCache`, use sense buffers reserved in the model. A decoding step asks the device
+nothing back (no `.item()`, no data-dependent shapes), so it can be captured by `torch.compile(fullgraph=True)` and
+CUDA graphs.
+
+Padding-free batches (several sequences in a row, told apart by `position_ids` that restart at 0, as
+`DataCollatorWithFlattening` and TRL's packing make them) keep every sequence to itself, in GPT-2's attention and
+in α alike.
 
 This module imports only torch and transformers, so it travels to the Hub on its own with
 ``configuration_backpack_gpt2.py``.
@@ -35,10 +41,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
+from transformers.masking_utils import find_packed_sequence_indices
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -129,15 +137,6 @@ class BackpackCacheMixin:
 
     sense_layer: DynamicLayer | StaticLayer
 
-    def update_senses(self, keys: torch.Tensor, senses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' keys and senses; returns those of every cached position (static: all slots)."""
-        return self.sense_layer.update(keys, senses)
-
-    @property
-    def is_static_backpack(self) -> bool:
-        """Whether the sense layer is a fixed-size buffer (key axis = `max_cache_len`, unused slots masked)."""
-        return isinstance(self.sense_layer, StaticLayer)
-
     def reset(self) -> None:
         super().reset()
         self.sense_layer.reset()
@@ -179,26 +178,112 @@ class BackpackStaticCache(BackpackCacheMixin, StaticCache):
         self.sense_layer = StaticLayer(max_cache_len=max_cache_len)
 
 
-def as_backpack_cache(cache: Cache) -> Cache:
-    """`cache` with a sense layer: Backpack caches as they are; a plain `DynamicCache` or `StaticCache` in place.
+class SenseBuffers(nn.Module):
+    """A static sense layer whose tensors are buffers of the model, for transformers' on-device exporters.
 
-    In place (its class gains the sense layer) so that a cache the caller built, e.g. `DynamicCache(config=...)`
-    as the transformers docs show, keeps working through the caller's own reference.
+    `TorchExportableModuleForDecoderOnlyLM` and `convert_and_export_with_cache` give the model a plain
+    `StaticCache` whose tensors they registered as buffers: the state an exported program keeps from one call to
+    the next. The Backpack's own state has to be a buffer before export begins too, so it is reserved here
+    (see [`BackpackGPT2Model.reserve_sense_buffers`]); a smaller cache uses the first rows and slots.
+
+    Shapes: keys (batch, k, slots, d/k), values (batch, k, slots, d).
     """
-    if isinstance(cache, BackpackCacheMixin):
-        return cache
+
+    is_initialized = True
+
+    def __init__(self, batch_size: int, max_cache_len: int, config: BackpackGPT2Config, dtype: torch.dtype,
+                 device: torch.device | str | None):
+        super().__init__()
+        shape = (batch_size, config.num_senses, max_cache_len)
+        head_dim = config.n_embd // config.num_senses
+        self.register_buffer("keys", torch.zeros(*shape, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(*shape, config.n_embd, dtype=dtype, device=device),
+                             persistent=False)
+
+    def view_for(self, batch_size: int, max_cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `batch_size` rows and `max_cache_len` slots, as views (writes reach the buffers)."""
+        reserved = (self.keys.shape[0], self.keys.shape[2])
+        if batch_size > reserved[0] or max_cache_len > reserved[1]:
+            raise ValueError(
+                f"the Backpack's sense buffers hold {reserved[0]} rows of {reserved[1]} positions, but the cache "
+                f"{batch_size} of {max_cache_len}: call model.backpack.reserve_sense_buffers({batch_size}, "
+                f"{max_cache_len}) before exporting"
+            )
+        return self.keys[:batch_size, :, :max_cache_len], self.values[:batch_size, :, :max_cache_len]
+
+
+def sense_layer_of(cache: Cache) -> DynamicLayer | StaticLayer:
+    """The layer holding the contextualization keys and senses of `cache`'s positions.
+
+    A Backpack cache has its own. A plain transformers `DynamicCache` or `StaticCache` that a caller built (e.g.
+    `DynamicCache(config=...)`, as the transformers docs show) gets one as an attribute: its class stays as it is,
+    and the caller's own reference holds the senses to continue from.
+    """
+    layer = getattr(cache, "sense_layer", None)
+    if layer is not None:
+        return layer
     if type(cache) is DynamicCache:
-        cache.__class__ = BackpackDynamicCache
-        cache.sense_layer = DynamicLayer()
+        layer = DynamicLayer()
     elif type(cache) is StaticCache:
-        cache.__class__ = BackpackStaticCache
-        cache.sense_layer = StaticLayer(max_cache_len=cache.layers[0].max_cache_len)
+        layer = StaticLayer(max_cache_len=cache.layers[0].max_cache_len)
     else:
         raise ValueError(
             f"Backpack GPT-2 keeps its senses in a DynamicCache or a StaticCache; got {type(cache).__name__}. "
             "Use the default cache or cache_implementation='static'."
         )
-    return cache
+    cache.sense_layer = layer
+    return layer
+
+
+def as_backpack_cache(cache: Cache) -> BackpackDynamicCache | BackpackStaticCache:
+    """A Backpack cache sharing `cache`'s state, for `generate()`, whose cache operations must reach the senses.
+
+    A Backpack cache is returned as it is. For a plain `DynamicCache` or `StaticCache` the result is a second
+    object over the same state (the same attribute dictionary: the same layers and sense layer), so that beam
+    reordering, cropping and batch selection reach the senses too, while the caller's object keeps its class and
+    sees every update.
+    """
+    if isinstance(cache, BackpackCacheMixin):
+        return cache
+    sense_layer_of(cache)
+    backpack_cache = object.__new__(BackpackStaticCache if isinstance(cache, StaticCache) else BackpackDynamicCache)
+    backpack_cache.__dict__ = cache.__dict__
+    return backpack_cache
+
+
+def update_sense_layer(
+    layer: DynamicLayer | StaticLayer | tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor,
+    senses: torch.Tensor,
+    past_length: int | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store the new positions' keys and senses; returns those of every cached position (static: every slot).
+
+    They are written at `past_length`, the Transformer layers' length, so that the sense layer follows those layers
+    wherever they were set (an exporter moves them to each call's position) or cropped (through a plain cache's
+    own methods). `layer` may also be a (keys, values) pair of preallocated static tensors.
+
+    Shapes: keys (batch, k, new, d/k), senses (batch, k, new, d) -> (batch, k, cached + new | slots, d/k and d).
+    """
+    if isinstance(layer, DynamicLayer):
+        stored = layer.get_seq_length()
+        if stored > past_length:
+            layer.crop(past_length)
+        elif stored < past_length:
+            raise ValueError(
+                f"the cache holds {past_length} positions of GPT-2's attention but the senses of only {stored}: it "
+                "was filled without the Backpack (another model, or GPT-2 alone); start from an empty cache"
+            )
+        return layer.update(keys, senses)
+    if isinstance(layer, StaticLayer):
+        if not layer.is_initialized:
+            layer.lazy_initialization(keys, senses)
+        layer = (layer.keys, layer.values)
+    key_buffer, sense_buffer = layer
+    slots = past_length + torch.arange(keys.shape[-2], device=keys.device)
+    key_buffer.index_copy_(2, slots, keys)
+    sense_buffer.index_copy_(2, slots, senses)
+    return key_buffer, sense_buffer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,8 +388,43 @@ class BackpackWeightNetwork(nn.Module):
         return queries, keys
 
 
+def unpadded_as_none(
+    attention_mask: torch.Tensor | None, past_length: int | torch.Tensor, static: bool
+) -> torch.Tensor | None:
+    """`None` for a 2D mask that keeps every token, so that an unpadded batch runs the fused causal kernels.
+
+    Tokenizers, data collators, the HF `Trainer` and TRL send an all-ones mask with every unpadded batch. It is
+    read only where no decoding step pays for it: before anything is cached (a training step, the prefill of
+    `generate()`), from host memory for CPU tensors and with one device read otherwise, as GPT-2 reads its own
+    mask outside compiled code. Compiled graphs, the meta device and cached decoding keep the mask.
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or static or not isinstance(past_length, int):
+        return attention_mask
+    if past_length > 0 or torch.compiler.is_compiling() or attention_mask.device.type == "meta":
+        return attention_mask
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def packed_sequence_ids(position_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    """Which sequence each position belongs to, when several are packed in a row without padding.
+
+    Padding-free batches (`DataCollatorWithFlattening`, TRL's packing, flash-attention's variable-length path) tell
+    their sequences apart by `position_ids` that restart: transformers' `find_packed_sequence_indices` reads the
+    boundaries, the same ones its GPT-2 masks by. `None` when every row holds one sequence; while tracing the
+    values cannot be read, so the ids are always returned (a single sequence then gets the causal mask it had).
+
+    Shapes: position_ids (batch | 1, seq) -> (batch, seq) sequence index per position, or None.
+    """
+    if position_ids is None or position_ids.shape[-1] < 2 or position_ids.device.type == "meta":
+        return None
+    return find_packed_sequence_indices(position_ids.expand(batch_size, -1))
+
+
 def sense_attention_mask(
-    attention_mask: torch.Tensor | None, query_positions: torch.Tensor, key_length: int
+    attention_mask: torch.Tensor | None,
+    query_positions: torch.Tensor,
+    key_length: int,
+    sequence_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which keys each query may weigh: causal over absolute cache positions, padded keys excluded.
 
@@ -312,12 +432,15 @@ def sense_attention_mask(
     either the 2D padding mask (batch, ≤ key), whose missing tail (a static cache's unused slots) counts as padding,
     or a 4D mask (batch, 1, query, key) already built for GPT-2's attention (boolean, or additive with 0 = allowed),
     as `generate()` prepares for static caches. A padded query still sees itself, so that no row is empty (an
-    all-masked softmax is NaN); its output is never used.
+    all-masked softmax is NaN); its output is never used. `sequence_ids` (batch, seq) of a packed row (no cache,
+    no padding) keep each query within its own sequence: a block-diagonal causal mask.
 
     Shapes: -> (batch | 1, 1, query, key) boolean, True = allowed.
     """
     key_positions = torch.arange(key_length, device=query_positions.device)
     causal = (key_positions[None, :] <= query_positions[:, None])[None, None]
+    if sequence_ids is not None:
+        causal = causal & (sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :])
     if attention_mask is None:
         return causal
     itself = (key_positions[None, :] == query_positions[:, None])[None, None]
@@ -400,6 +523,17 @@ def fused_weighted_sense_sum(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class TiedEmbedding(nn.Embedding):
+    """A second name for an embedding: its weight is `source`'s, tied through `_tied_weights_keys` as `lm_head` is.
+
+    The published checkpoint stores E and P twice (``word_embeddings`` and ``gpt2_model.wte``); declaring the
+    second name as a tied weight, rather than aliasing the module, lets loading report a missing embedding as missing.
+    """
+
+    def __init__(self, source: nn.Embedding):
+        super().__init__(source.num_embeddings, source.embedding_dim, _weight=source.weight)
+
+
 class BackpackGPT2PreTrainedModel(GPT2PreTrainedModel):
     """Weight initialisation and loading shared by the Backpack models (GPT-2's, plus the sense network's)."""
 
@@ -425,6 +559,8 @@ class BackpackGPT2PreTrainedModel(GPT2PreTrainedModel):
         projections scaled by 1/sqrt(2·n_layer)).
         """
         std = self.config.initializer_range
+        if isinstance(module, TiedEmbedding):
+            return  # its weight is GPT-2's, initialised there
         if isinstance(module, ResidualProjection):
             init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * 1))
             init.zeros_(module.bias)
@@ -458,10 +594,12 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         self.num_senses = config.num_senses
         self.gpt2_model = GPT2Model(config)
         self.sense_network = BackpackSenseNetwork(config)
-        # Aliases the published checkpoint also stores: the very same modules as GPT-2's embeddings.
-        self.word_embeddings = self.gpt2_model.wte
-        self.position_embeddings = self.gpt2_model.wpe
+        # The published checkpoint's second names for E and P: tied weights (`_tied_weights_keys`), as `lm_head` is.
+        self.word_embeddings = TiedEmbedding(self.gpt2_model.wte)
+        self.position_embeddings = TiedEmbedding(self.gpt2_model.wpe)
         self.sense_weight_net = BackpackWeightNetwork(config)
+        # Reserved only for transformers' exporters (`reserve_sense_buffers`).
+        self.register_module("sense_buffers", None)
         # Persistent sense edits {token id: (k, d) replacement senses}; not saved with the weights.
         self.sense_edits: dict[int, torch.Tensor] = {}
         self.gradient_checkpointing = False
@@ -475,7 +613,7 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.gpt2_model.wte = new_embeddings
-        self.word_embeddings = new_embeddings
+        self.word_embeddings = TiedEmbedding(new_embeddings)
         self.sense_table = None  # a new vocabulary: the old table no longer applies
 
     # --- senses ---------------------------------------------------------------------------------------------
@@ -536,12 +674,40 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
 
     @staticmethod
     def _past_length(cache: Cache | None) -> int | torch.Tensor:
-        """Positions already cached: an int for a dynamic cache, a 0-d tensor for a static one (no device sync)."""
+        """Positions already cached in GPT-2's layers: an int for a dynamic cache, a 0-d tensor for a static one
+        (no device sync). The sense layer follows them (see `update_sense_layer`)."""
         if cache is None:
             return 0
-        length = cache.sense_layer.get_seq_length()
+        length = cache.get_seq_length()
         # A static layer returns its own counter, which its next update increments in place: keep today's value.
         return length.clone() if isinstance(length, torch.Tensor) else length
+
+    def reserve_sense_buffers(self, batch_size: int = 1, max_cache_len: int | None = None) -> None:
+        """Preallocate the sense layer that transformers' exporters need, as buffers of this model.
+
+        `TorchExportableModuleForDecoderOnlyLM(model).export(...)` and `convert_and_export_with_cache(model)` run
+        the model on a plain `StaticCache` whose tensors they register as buffers; an exported program keeps only
+        buffers between calls, so the senses and keys of past positions need buffers of their own. Assigning the LM
+        model a generation config with `cache_implementation="static"` (what those exporters require) calls this
+        with its `cache_config`'s sizes (default 1 row of `n_positions`). Not saved; any smaller cache fits.
+        """
+        max_cache_len = max_cache_len or self.config.n_positions
+        parameter = self.gpt2_model.wte.weight
+        self.sense_buffers = SenseBuffers(batch_size, max_cache_len, self.config, parameter.dtype,
+                                          None if parameter.device.type == "meta" else parameter.device)
+
+    def _sense_layer(self, cache: Cache) -> DynamicLayer | StaticLayer | tuple[torch.Tensor, torch.Tensor]:
+        """The sense layer of `cache`; while exporting with a plain `StaticCache`, this model's reserved buffers."""
+        if type(cache) is StaticCache and torch.compiler.is_exporting():
+            if self.sense_buffers is None:
+                raise ValueError(
+                    "exporting with a StaticCache needs the Backpack's sense buffers: set model.generation_config "
+                    "= GenerationConfig(cache_implementation='static', cache_config={...}) before wrapping the "
+                    "model, or call model.backpack.reserve_sense_buffers(batch_size, max_cache_len)"
+                )
+            layer = cache.layers[0]
+            return self.sense_buffers.view_for(layer.keys.shape[0], layer.max_cache_len)
+        return sense_layer_of(cache)
 
     def _check_inputs(
         self,
@@ -550,6 +716,7 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         attention_mask: torch.Tensor | None,
         past_length: int | torch.Tensor,
         cache: Cache | None,
+        position_ids: torch.LongTensor | None = None,
     ) -> None:
         """Clear errors for what would otherwise fail deep inside (or, on CUDA, as a device-side assert).
 
@@ -570,8 +737,8 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         if query_length == 0:
             name = "input_ids" if input_ids is not None else "inputs_embeds"
             raise ValueError(f"empty input: {name} has shape {tuple(given.shape)}; give at least one token")
-        static = cache is not None and cache.is_static_backpack
-        prefill = not cache.sense_layer.is_initialized if static else cache is None or past_length == 0
+        static = isinstance(cache, StaticCache)
+        prefill = not cache.layers[0].is_initialized if static else cache is None or past_length == 0
         if input_ids is not None and not torch.compiler.is_compiling() and (input_ids.device.type == "cpu" or prefill):
             if input_ids.device.type == "cpu":  # read from host memory: no device op at all
                 values = input_ids.detach().numpy()
@@ -585,12 +752,22 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
                 )
         if static:
             # The cached length is on the device; the buffer's size bounds it (checked per generate() as well).
-            if query_length > cache.sense_layer.max_cache_len:
+            if query_length > cache.layers[0].max_cache_len:
                 raise ValueError(f"{query_length} new tokens do not fit a static cache of "
-                                 f"{cache.sense_layer.max_cache_len} positions")
+                                 f"{cache.layers[0].max_cache_len} positions")
             return
         total_length = past_length + query_length
-        if total_length > self.config.n_positions:
+        if total_length > self.config.n_positions and past_length == 0 and position_ids is not None:
+            # A packed row holds several sequences (position_ids restart), each as long as n_positions at most.
+            # Read only for rows that are refused otherwise; unreadable values (compiled, meta) pass.
+            readable = not torch.compiler.is_compiling() and position_ids.device.type != "meta"
+            longest = int(position_ids.max()) + 1 if readable else 0
+            if longest > self.config.n_positions:
+                raise ValueError(
+                    f"a sequence of length {longest} (position_ids up to {longest - 1}) exceeds n_positions="
+                    f"{self.config.n_positions}, the longest sequence this model can read"
+                )
+        elif total_length > self.config.n_positions:
             raise ValueError(
                 f"sequence length {total_length} (cached {past_length} + new {query_length}) exceeds "
                 f"n_positions={self.config.n_positions}, the longest sequence this model can read"
@@ -602,6 +779,34 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
                 f"{(batch_size, total_length)}"
             )
+
+    def _contextualization_mask(
+        self,
+        allowed: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        sequence_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        dtype: torch.dtype,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor | None, dict]:
+        """GPT-2's attention mask (and attention arguments) for a padded or packed batch: the sense sum's own.
+
+        sdpa takes `allowed` as it is and eager as an additive mask. Flash attention takes no 4D mask: a padded
+        batch keeps its 2D mask, and a packed row runs the variable-length kernel over its sequences, whose
+        boundaries transformers reads from `position_ids` (given per-sequence lengths `cu_seq_lens_*` win).
+        """
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa":
+            return allowed, kwargs
+        if implementation == "eager":
+            return torch.zeros_like(allowed, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min), kwargs
+        if sequence_ids is None or "cu_seq_lens_q" in kwargs or torch.compiler.is_compiling():
+            return attention_mask, kwargs
+        # transformers infers the lengths of a single packed row itself; every row's, flattened, are given here.
+        (cu_seq_lens_q, cu_seq_lens_k), (max_length_q, max_length_k) = prepare_fa_kwargs_from_position_ids(
+            position_ids.expand_as(sequence_ids))
+        return None, {**kwargs, "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k,
+                      "max_length_q": int(max_length_q), "max_length_k": int(max_length_k)}
 
     def _reweight_senses(
         self,
@@ -650,9 +855,12 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             input_ids: (batch, seq) token ids.
             attention_mask: (batch, cached + seq), 1 for tokens and 0 for padding (left or right); or a 4D mask
                 (batch, 1, seq, key) prepared for GPT-2's attention, as `generate()` does for a static cache.
-            position_ids: (batch, seq); by default counted from the first non-padding token of a 2D mask.
+            position_ids: (batch, seq); by default counted from the first non-padding token of a 2D mask. Positions
+                that restart within a row (no padding mask, nothing cached yet) mark packed sequences: each sees
+                only itself, and each, not the row, must fit `n_positions`. A cache filled by such a row continues
+                the row as one sequence.
             cache: A cache from an earlier call (`past_key_values` is the same, by its old name); a plain
-                `DynamicCache` or `StaticCache` gains the Backpack's sense layer in place.
+                `DynamicCache` or `StaticCache` keeps its class and holds the Backpack's sense layer as an attribute.
             inputs_embeds: (batch, seq, d) instead of `input_ids`: rows of the word embedding E, or any vectors
                 (soft prompts). The senses are then C = SenseNetwork(inputs_embeds), which equals the ids path when
                 the rows are E's.
@@ -676,10 +884,10 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             cache = None
         elif cache is None:
             cache = BackpackDynamicCache(config=self.config)
-        else:
-            cache = as_backpack_cache(cache)
         past_length = self._past_length(cache)
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, cache)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, cache, position_ids=position_ids)
+        static = isinstance(cache, StaticCache)
+        attention_mask = unpadded_as_none(attention_mask, past_length, static)
 
         word_embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         query_length = word_embeddings.shape[1]
@@ -690,24 +898,25 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         # 1. Senses C(x_j) of the new tokens: (batch, k, seq, d).
         senses = self.compute_senses(input_ids, inputs_embeds)
 
-        # Which keys each query may see. A mask is needed for padding, for a static cache's unused slots and for
-        # several new tokens after cached ones; otherwise causality from position 0 (or one new token seeing every
-        # key) says it all, and the fused kernels run unmasked. With padding, GPT-2's attention gets this very mask
-        # too: built here from shapes alone, it spares GPT-2's own mask builder a device round trip per step.
-        static = cache is not None and cache.is_static_backpack
-        key_length = cache.sense_layer.max_cache_len if static else past_length + query_length
+        # Which keys each query may see. A mask is needed for padding, for a static cache's unused slots, for
+        # several new tokens after cached ones and for packed rows (several sequences told apart by position_ids);
+        # otherwise causality from position 0 (or one new token seeing every key) says it all, and the fused
+        # kernels run unmasked. GPT-2's attention gets this very mask too, so that both see the same boundaries:
+        # built here from shapes (and, for a packed row, its boundaries, read once before anything is cached), it
+        # spares GPT-2's own mask builder a device round trip per step.
+        sequence_ids = None
+        if attention_mask is None and not static and isinstance(past_length, int) and past_length == 0:
+            sequence_ids = packed_sequence_ids(position_ids, word_embeddings.shape[0])
+        key_length = cache.layers[0].max_cache_len if static else past_length + query_length
         query_positions = past_length + torch.arange(query_length, device=word_embeddings.device)
         allowed = None
-        if attention_mask is not None or static or (cache is not None and past_length > 0 and query_length > 1):
-            allowed = sense_attention_mask(attention_mask, query_positions, key_length)
+        if (attention_mask is not None or static or sequence_ids is not None
+                or (cache is not None and past_length > 0 and query_length > 1)):
+            allowed = sense_attention_mask(attention_mask, query_positions, key_length, sequence_ids)
         contextualization_mask = attention_mask
-        if attention_mask is not None and attention_mask.dim() == 2:
-            if self.config._attn_implementation == "sdpa":
-                contextualization_mask = allowed
-            elif self.config._attn_implementation == "eager":
-                minimum = torch.finfo(word_embeddings.dtype).min
-                contextualization_mask = torch.zeros_like(allowed, dtype=word_embeddings.dtype).masked_fill(
-                    ~allowed, minimum)
+        if sequence_ids is not None or (attention_mask is not None and attention_mask.dim() == 2):
+            contextualization_mask, kwargs = self._contextualization_mask(
+                allowed, attention_mask, sequence_ids, position_ids, word_embeddings.dtype, kwargs)
 
         # 2. Contextualization: GPT-2 states -> per-sense queries and keys. GPT-2 gets the embeddings rather than
         # the ids: the same E x, looked up once, and no padding heuristic that would read token ids back.
@@ -723,7 +932,7 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         )
         queries, keys = self.sense_weight_net(contextual.last_hidden_state)
         if cache is not None:
-            keys, senses = cache.update_senses(keys, senses)
+            keys, senses = update_sense_layer(self._sense_layer(cache), keys, senses, past_length)
         values = senses
         if sense_weights is not None:
             values = self._reweight_senses(senses, sense_weights, input_ids, past_length)
@@ -769,6 +978,20 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
         self.loss_type = "ForCausalLM"  # transformers reads the loss from the class name, which does not say it
         self.post_init()
 
+    @property
+    def generation_config(self) -> GenerationConfig | None:
+        """The default generation settings (transformers' attribute)."""
+        return self.__dict__.get("_generation_config")
+
+    @generation_config.setter
+    def generation_config(self, generation_config: GenerationConfig | None) -> None:
+        # transformers' exporters require a static-cache generation config and then build the cache themselves:
+        # reserve the sense buffers the exported program needs (see `BackpackGPT2Model.reserve_sense_buffers`).
+        self.__dict__["_generation_config"] = generation_config
+        if getattr(generation_config, "cache_implementation", None) == "static" and "backpack" in self._modules:
+            sizes = generation_config.cache_config or {}
+            self.backpack.reserve_sense_buffers(sizes.get("batch_size", 1), sizes.get("max_cache_len"))
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.backpack.get_input_embeddings()
 
@@ -787,8 +1010,8 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
         for name in ("cache", "past_key_values"):
             if model_kwargs.get(name) is None:
                 continue
-            cache = as_backpack_cache(model_kwargs[name])
-            if cache.is_static_backpack and generation_config.max_length > self.config.n_positions:
+            cache = model_kwargs[name] = as_backpack_cache(model_kwargs[name])
+            if isinstance(cache, StaticCache) and generation_config.max_length > self.config.n_positions:
                 raise ValueError(
                     f"generate() would reach {generation_config.max_length} tokens, past n_positions="
                     f"{self.config.n_positions}, the longest sequence this model can read: lower max_new_tokens"

@@ -5,6 +5,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -63,9 +64,20 @@ def test_config_defaults_are_the_published_ones():
     assert config.scale_attn_by_inverse_layer_idx
 
 
+def test_config_of_another_vocabulary_keeps_no_gpt2_token_outside_it(caplog):
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = BackpackGPT2Config(vocab_size=1000)
+    assert (config.bos_token_id, config.eos_token_id) == (None, None)
+    assert not caught and not [r for r in caplog.records if "token_id" in r.getMessage()]
+    assert BackpackGPT2Config(vocab_size=1000, eos_token_id=999).eos_token_id == 999
+    assert BackpackGPT2Config.from_pretrained(TINY_CHECKPOINT).eos_token_id == 511  # what a config names stays
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (dict(n_embd=100, num_senses=16, n_head=4), "divisible by num_senses"),
     (dict(n_embd=96, num_senses=16, n_head=5), "divisible by n_head"),
+    (dict(tie_word_embeddings=False), "tie_word_embeddings must be True"),
 ])
 def test_config_rejects_indivisible_sizes(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -208,3 +208,18 @@ def test_published_layout_loads_into_the_base_model():
     base, info = BackpackGPT2Model.from_pretrained(TINY_CHECKPOINT, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
     assert base.base_model_prefix == "backpack"
+
+
+@pytest.mark.parametrize("model_class", [BackpackGPT2LMHeadModel, BackpackGPT2Model])
+def test_a_file_without_weights_reports_every_parameter_missing(model_class, tmp_path):
+    """transformers' `test_model_weights_reload_no_missing_tied_weights`: the embeddings' second names are tied
+    weights, so a checkpoint lacking E and P says so and they are initialised, not left unloaded."""
+    model_class(tiny_config()).save_pretrained(tmp_path)
+    save_file({"tensor": torch.tensor([1, 2])}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert {name for name, _ in reloaded.named_parameters()} <= set(info["missing_keys"])
+    backpack = getattr(reloaded, "backpack", reloaded)
+    embedding = backpack.gpt2_model.wte.weight  # initialised (std 0.02), not left on the meta device
+    assert embedding.device.type == "cpu" and 0.015 < embedding.std().item() < 0.025
+    assert backpack.word_embeddings.weight is backpack.gpt2_model.wte.weight
+    assert backpack.position_embeddings.weight is backpack.gpt2_model.wpe.weight

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, StaticCache
-
-from modeling_backpack_gpt2 import BackpackDynamicCache, BackpackStaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 # ATen ops that read a device value back to the host or whose output shape depends on the data.
 SYNCING_OPS = {
@@ -45,10 +44,13 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def prompt(padded: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A (3, 7) prompt, its first two rows left-padded when `padded` (pad id 0)."""
+def prompt(padded: bool | str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A (3, 7) prompt, its first two rows left-padded when `padded` (pad id 0); `"ones"`: an all-ones mask, as
+    tokenizers give unpadded batches."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 128, (3, 7), generator=generator)
+    if padded == "ones":
+        return ids, torch.ones_like(ids)
     if not padded:
         return ids, None
     mask = torch.ones_like(ids)
@@ -64,7 +66,7 @@ def test_sync_counter_sees_a_sync():
     assert counter.ops == ["_local_scalar_dense", "_unique2"]
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded", [False, True, "ones"], ids=["no-mask", "padded", "all-ones-mask"])
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_a_decoding_step_asks_the_device_nothing(cache_kind, padded):
     model = tiny_model(1)
@@ -77,9 +79,10 @@ def test_a_decoding_step_asks_the_device_nothing(cache_kind, padded):
         with SyncCounter() as counter:
             out = model(ids[:, :1], attention_mask=step_mask, position_ids=positions, cache=cache, use_cache=True)
     assert counter.ops == []
-    # The plain transformers cache was given the sense layer in place, so the caller's reference works on.
-    assert isinstance(cache, BackpackStaticCache if cache_kind == "static" else BackpackDynamicCache)
+    # The caller's plain transformers cache keeps its class and holds the senses, so its reference works on.
+    assert type(cache) is (StaticCache if cache_kind == "static" else DynamicCache)
     assert out.cache is cache and len(cache.layers) == model.config.n_layer
+    assert isinstance(cache.sense_layer, StaticLayer if cache_kind == "static" else DynamicLayer)
 
 
 @pytest.mark.parametrize("padded", [False, True])
