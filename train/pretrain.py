@@ -53,6 +53,7 @@ from backpack_train.export import FINAL_EXPORT_DIR, export_final_model, restore_
 from backpack_train.interrupt import SecondSignal, StopOnSignal
 from backpack_train.loop import NonFiniteLossError, build_accelerator, train, use_cpu
 from backpack_train.model import build_model
+from backpack_train.parallel import Parallelism, ParallelismError, consume_fsdp_request
 from backpack_train.run_folder import OutputDirError, check_output_dir, clear_output_dir, locked_output_dir
 
 
@@ -92,13 +93,16 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     data_args, args = parse_args((DataArguments, TrainArguments), argv, description=__doc__)
     distributed = PartialState(cpu=use_cpu(args))
+    plan = consume_fsdp_request(distributed)  # before any Accelerator: FSDP is train/parallel.py's
+    if distributed.is_main_process:
+        print(plan.describe())  # the first line: how the model is spread over the processes
     check_data_source(data_args)  # a missing, empty or binary data file fails here, before anything is built
     with locked_output_dir(args.output_dir, distributed):  # one trainer per folder, from before the first look at it
-        return run(data_args, args, explicit_keys(argv), distributed, started)
+        return run(data_args, args, explicit_keys(argv), distributed, started, plan)
 
 
 def run(data_args: DataArguments, args: TrainArguments, given: set[str], distributed: PartialState,
-        started: float) -> dict:
+        started: float, plan: Parallelism) -> dict:
     """:func:`main` once the output folder is this process's: resume or start, train, export."""
     say = print if distributed.is_main_process else (lambda *_: None)
     check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
@@ -132,7 +136,7 @@ def run(data_args: DataArguments, args: TrainArguments, given: set[str], distrib
     set_seed(args.seed)  # same initial weights on every process and in every run with this seed
     model = build_model(args)
     with StopOnSignal(accelerator) as stop_signal:  # also covers the final export: a second signal is reported
-        model, metrics = train(args, accelerator, model, packed, tokenizer, run_config, stop_signal, resume)
+        model, metrics = train(args, accelerator, model, packed, tokenizer, run_config, stop_signal, resume, plan)
         metrics["wall_seconds"] = time.perf_counter() - started
         final_folder = export_final_model(accelerator, model, tokenizer, args.output_dir, run_config, metrics)
     accelerator.end_training()
@@ -167,7 +171,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, CheckpointError, OutputDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except SettingsError as error:
+    except (SettingsError, ParallelismError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
