@@ -363,6 +363,21 @@ class BackpackSenseNetwork(GradientCheckpointingLayer):
         return senses.view(batch_size, seq_length, self.num_senses, self.n_embd).transpose(1, 2)
 
 
+def gather_word_senses(word_senses: torch.Tensor, sense_index: torch.LongTensor) -> torch.Tensor:
+    """Every position's senses from a table of distinct words: C(x_j) = table[index_j].
+
+    C depends on the word alone, so a batch needs it once per distinct word; `index_j` says which row of the
+    table is position j's word. A lookup (`F.embedding`), whose backward sums the positions' gradients into their
+    word's row.
+
+    Shapes: table (words, k, d), index (batch, seq) -> senses (batch, k, seq, d), the sense network's layout.
+    """
+    num_words, num_senses, embed_dim = word_senses.shape
+    batch_size, seq_length = sense_index.shape
+    rows = F.embedding(sense_index, word_senses.reshape(num_words, num_senses * embed_dim))
+    return rows.view(batch_size, seq_length, num_senses, embed_dim).transpose(1, 2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Contextualization weights: α[ℓ] = softmax(q_ℓ k_ℓᵀ / sqrt(d/k)), one key-query head per sense, no values.
 # ---------------------------------------------------------------------------------------------------------------
@@ -619,7 +634,12 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
     # --- senses ---------------------------------------------------------------------------------------------
 
     def compute_senses(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None = None
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None = None,
+        sense_index: torch.LongTensor | None = None,
+        sense_words: torch.LongTensor | None = None,
+        word_senses: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """C(x) for every position, with any sense edits applied: (batch, seq) -> (batch, k, seq, d).
 
@@ -629,17 +649,24 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         the data and a decoding or training step captures as one graph. Eager CPU inference on several tokens
         computes each distinct word once instead (a host-side `unique`, no device to wait for): real text repeats
         words, and the sense network is the Backpack's costliest per-token part.
+
+        Distinct words with gradients, as the trainer runs them: with `sense_index` (batch, seq), position j reads
+        row `sense_index[j]` of a table of distinct words, either computed here from `sense_words` (words,) or given
+        as `word_senses` (words, k, d) from [`~BackpackGPT2Model.word_senses`]. Whoever lists the words does so on
+        the host, ahead of the step and padded to a fixed size, so no shape depends on the data.
         """
         inference = not (self.training and torch.is_grad_enabled())
-        if inputs_embeds is not None:
+        if sense_index is not None:
+            table = word_senses if word_senses is not None else self.word_senses(sense_words)
+            senses = gather_word_senses(table, sense_index)
+        elif inputs_embeds is not None:
             senses = self.sense_network(inputs_embeds)
         elif self.sense_table is not None and inference:
             senses = self.sense_table[:, input_ids].transpose(0, 1)  # (k, batch, seq, d) -> (batch, k, seq, d)
         elif (inference and input_ids.device.type == "cpu" and input_ids.shape[1] > 1
               and not torch.compiler.is_compiling()):
             words, positions = torch.unique(input_ids, return_inverse=True)
-            word_senses = self.sense_network(self.word_embeddings(words)[None])[0]  # (k, words, d)
-            senses = word_senses[:, positions].transpose(0, 1)  # (k, batch, seq, d) -> (batch, k, seq, d)
+            senses = gather_word_senses(self.word_senses(words), positions)
         else:
             senses = self.sense_network(self.word_embeddings(input_ids))
         if input_ids is not None:
@@ -647,6 +674,16 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
                 is_word = (input_ids == token_id)[:, None, :, None]
                 senses = torch.where(is_word, edited.to(senses)[None, :, None, :], senses)
         return senses
+
+    def word_senses(self, words: torch.LongTensor) -> torch.Tensor:
+        """C(x) once per listed word: (words,) -> (words, k, d), without sense edits (they apply per position).
+
+        The sense network's dropout draws one mask per row, so a table computed once per batch (or per optimizer
+        step) drops the same units of a word at all its positions there, where the per-position path draws a mask
+        per position. With dropout off both give the same senses and gradients.
+        """
+        senses = self.sense_network(self.word_embeddings(words)[None])  # (1, k, words, d)
+        return senses[0].transpose(0, 1)  # (words, k, d), contiguous
 
     @torch.no_grad()
     def precompute_senses(self, chunk_size: int = 2048) -> None:
@@ -716,13 +753,15 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         attention_mask: torch.Tensor | None,
         past_length: int | torch.Tensor,
         cache: Cache | None,
+        ids_checked: bool = False,
         position_ids: torch.LongTensor | None = None,
     ) -> None:
         """Clear errors for what would otherwise fail deep inside (or, on CUDA, as a device-side assert).
 
         Only shapes are checked on every call. Token ids are checked where it costs no device round trip: on CPU
         tensors, and on CUDA once per sequence (at the prefill, which covers `generate()`, whose later tokens are
-        the model's own), never inside a decoding step or a compiled graph.
+        the model's own), never inside a decoding step or a compiled graph, nor when `ids_checked` (a distinct-word
+        list built on the host, which checked them there) or on the meta device (shapes only, no values).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (batch, seq) and inputs_embeds (batch, seq, n_embd)")
@@ -739,7 +778,8 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             raise ValueError(f"empty input: {name} has shape {tuple(given.shape)}; give at least one token")
         static = isinstance(cache, StaticCache)
         prefill = not cache.layers[0].is_initialized if static else cache is None or past_length == 0
-        if input_ids is not None and not torch.compiler.is_compiling() and (input_ids.device.type == "cpu" or prefill):
+        read_ids = input_ids is not None and not ids_checked and input_ids.device.type != "meta"
+        if read_ids and not torch.compiler.is_compiling() and (input_ids.device.type == "cpu" or prefill):
             if input_ids.device.type == "cpu":  # read from host memory: no device op at all
                 values = input_ids.detach().numpy()
                 low, high = int(values.min()), int(values.max())
@@ -779,6 +819,32 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
                 f"{(batch_size, total_length)}"
             )
+
+    def _check_distinct_words(
+        self,
+        input_ids: torch.LongTensor | None,
+        sense_index: torch.LongTensor | None,
+        sense_words: torch.LongTensor | None,
+        word_senses: torch.Tensor | None,
+    ) -> None:
+        """Shapes of the distinct-word arguments: an index per position into either a word list or a sense table."""
+        if sense_index is None:
+            if sense_words is not None or word_senses is not None:
+                raise ValueError("sense_words and word_senses need sense_index (batch, seq): each position's row")
+            return
+        if input_ids is None:
+            raise ValueError("sense_index needs input_ids: distinct words are token ids, not inputs_embeds")
+        if tuple(sense_index.shape) != tuple(input_ids.shape):
+            raise ValueError(f"sense_index has shape {tuple(sense_index.shape)}, expected input_ids' "
+                             f"{tuple(input_ids.shape)}")
+        if (sense_words is None) == (word_senses is None):
+            raise ValueError("with sense_index pass exactly one of sense_words (words,) and word_senses (words, k, d)")
+        if sense_words is not None and sense_words.dim() != 1:
+            raise ValueError(f"sense_words must have shape (words,), got {tuple(sense_words.shape)}")
+        expected = (self.num_senses, self.embed_dim)
+        if word_senses is not None and (word_senses.dim() != 3 or tuple(word_senses.shape[1:]) != expected):
+            raise ValueError(f"word_senses must have shape (words, {expected[0]}, {expected[1]}), got "
+                             f"{tuple(word_senses.shape)}")
 
     def _contextualization_mask(
         self,
@@ -847,6 +913,9 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        sense_index: torch.LongTensor | None = None,
+        sense_words: torch.LongTensor | None = None,
+        word_senses: torch.Tensor | None = None,
         **kwargs,
     ) -> BackpackGPT2BaseModelOutput | tuple:
         """Backpack output `o` for `input_ids` (or `inputs_embeds`), continuing from `cache` if given.
@@ -870,6 +939,11 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             output_contextualization: also return α (batch, k, seq, key).
             output_senses: also return the senses of every key position (batch, k, key, d).
             output_attentions, output_hidden_states: GPT-2's attention maps / states (default: the config's).
+            sense_index: (batch, seq), with `sense_words` or `word_senses`: run the sense network once per distinct
+                word (training's path; see `compute_senses`). Position j's senses are row `sense_index[j]` of the
+                table `C(sense_words)` (words,) computed in this call, or of `word_senses` (words, k, d) computed
+                earlier with `word_senses()` (one table for several micro-batches). The list's builder checks the
+                token ids on the host, so this call reads none back from the device.
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
@@ -885,7 +959,9 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
         elif cache is None:
             cache = BackpackDynamicCache(config=self.config)
         past_length = self._past_length(cache)
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, cache, position_ids=position_ids)
+        self._check_distinct_words(input_ids, sense_index, sense_words, word_senses)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, cache,
+                           ids_checked=sense_index is not None, position_ids=position_ids)
         static = isinstance(cache, StaticCache)
         attention_mask = unpadded_as_none(attention_mask, past_length, static)
 
@@ -896,7 +972,7 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
 
         # 1. Senses C(x_j) of the new tokens: (batch, k, seq, d).
-        senses = self.compute_senses(input_ids, inputs_embeds)
+        senses = self.compute_senses(input_ids, inputs_embeds, sense_index, sense_words, word_senses)
 
         # Which keys each query may see. A mask is needed for padding, for a static cache's unused slots, for
         # several new tokens after cached ones and for packed rows (several sequences told apart by position_ids);
@@ -1037,12 +1113,16 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
         sense_weights: SenseWeights | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        sense_index: torch.LongTensor | None = None,
+        sense_words: torch.LongTensor | None = None,
+        word_senses: torch.Tensor | None = None,
         **kwargs,
     ) -> BackpackGPT2LMHeadModelOutput | tuple:
         """Logits `E o` (batch, seq, vocab); with `labels`, the mean next-token cross-entropy.
 
         `labels` are shifted inside (pass `labels=input_ids`); -100 is ignored. `logits_to_keep=n` computes only
-        the last n positions' logits (what `generate()` needs). Other arguments: see [`BackpackGPT2Model.forward`].
+        the last n positions' logits (what `generate()` needs). Other arguments (among them the distinct-word
+        senses `sense_index` with `sense_words` or `word_senses`): see [`BackpackGPT2Model.forward`].
         """
         outputs = self.backpack(
             input_ids,
@@ -1057,6 +1137,9 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            sense_index=sense_index,
+            sense_words=sense_words,
+            word_senses=word_senses,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

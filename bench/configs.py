@@ -44,6 +44,16 @@ def build_models(
     return backpack.to(device=device, dtype=dtype).eval(), gpt2.to(device=device, dtype=dtype).eval()
 
 
+def meta_models(name: str, n_positions: int) -> tuple[BackpackGPT2LMHeadModel, GPT2LMHeadModel]:
+    """The (Backpack, GPT-2) pair of the named size on the meta device: shapes without storage, for counting FLOPs
+    of any size in seconds."""
+    with torch.device("meta"):
+        backpack = BackpackGPT2LMHeadModel(backpack_config(name, n_positions))
+        gpt2 = GPT2LMHeadModel(gpt2_config(name, n_positions))
+    gpt2.loss_type = "ForCausalLM"
+    return backpack, gpt2
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -60,6 +70,9 @@ class BenchSizes:
     forward_batch: int = 8
     seq: int = 512
     train_batch: int = 4
+    train_micro_batches: int = 1  # micro-batches of train_batch per trainer step (train_compiled)
+    train_cost_tokens: int = 131_072  # tokens per process per optimizer step (train_cost), as the paper's 4 GPUs
+    train_cost_batch: int = 8  # sequences per micro-batch (train_cost): the trainer's default --batch_size
     generate_batches: tuple[int, ...] = (1, 8)
     prompt_len: int = 16
     new_tokens: int = 512

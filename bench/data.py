@@ -8,15 +8,27 @@ would overstate the Backpack's cost. The texts are the ones gensim ships for its
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import torch
 
 from backpack.corpora import lee_documents, wikipedia_articles
 
-DATA_SOURCES = ("wiki", "lee", "random")
+DATA_SOURCES = ("wiki", "lee", "embedded", "random")
+GPT2_EOS = 50256
+
+
+def _texts(source: str) -> Iterator[str]:
+    """The documents of a real-text source; "embedded" is the trainer's offline corpus (Wikipedia, then Lee)."""
+    if source in ("wiki", "embedded"):
+        yield from (text for _title, text in wikipedia_articles())
+    if source in ("lee", "embedded"):
+        yield from lee_documents()
 
 
 def token_stream(source: str, min_tokens: int, vocab_size: int, seed: int = 0) -> torch.LongTensor:
-    """At least `min_tokens` GPT-2 token ids of `source` ("wiki", "lee" or "random"), as one 1-D tensor.
+    """At least `min_tokens` GPT-2 token ids of `source` ("wiki", "lee", "embedded" or "random"), as one 1-D tensor.
 
     Texts are joined with blank lines and cycled if the corpus is shorter than asked.
     """
@@ -31,14 +43,34 @@ def token_stream(source: str, min_tokens: int, vocab_size: int, seed: int = 0) -
     ids: list[int] = []
     while len(ids) < min_tokens:
         before = len(ids)
-        texts = (text for _title, text in wikipedia_articles()) if source == "wiki" else lee_documents()
-        for text in texts:
+        for text in _texts(source):
             ids.extend(tokenizer(text + "\n\n")["input_ids"])
             if len(ids) >= min_tokens:
                 break
         if len(ids) == before:
             raise RuntimeError(f"corpus {source!r} produced no tokens")
     return torch.tensor(ids[:min_tokens], dtype=torch.long)
+
+
+def packed_blocks(source: str, block_size: int, vocab_size: int, seed: int = 0,
+                  min_blocks: int = 1) -> np.ndarray:
+    """A corpus packed as the trainer packs it: ``EOS doc EOS doc ...`` cut into blocks of `block_size` tokens that
+    overlap by one, the last padded with -100 (`backpack_train.data.pack_documents`): (blocks, block_size).
+    "random" gives `min_blocks` blocks of uniform ids.
+
+    The trainer's micro-batches are random blocks of this array (its data order shuffles them).
+    """
+    if source == "random":
+        generator = np.random.default_rng(seed)
+        return generator.integers(0, min(vocab_size, GPT2_EOS + 1), (max(min_blocks, 1), block_size))
+    if source not in DATA_SOURCES:
+        raise ValueError(f"unknown data source {source!r}; choose from {DATA_SOURCES}")
+    from backpack.tokenizer import gpt2_tokenizer
+    from backpack_train.data import pack_documents
+
+    tokenizer = gpt2_tokenizer(model_max_length=10**9)
+    documents = tokenizer(list(_texts(source)), add_special_tokens=False, verbose=False)["input_ids"]
+    return np.array(pack_documents(documents, GPT2_EOS, block_size), dtype=np.int64)  # padding: PAD_TOKEN (-100)
 
 
 class TokenBatches:

@@ -15,11 +15,15 @@
 #   generate                   bench/run.py generation at 512 new tokens, batch 1 and 8: default cache vs GPT-2,
 #                              the no-cache loop, static cache with and without torch.compile   -> bench_generate.json
 #   trainer_compiled_backpack  train/pretrain.py --compile true, then GPT-2; then both eager    -> trainer/*/
+#                              (the Backpack with distinct-word senses, the trainer's default)
 #   trainer_compiled_gpt2, trainer_eager_backpack, trainer_eager_gpt2
 #   trainer_ddp_compiled_backpack   the same through `accelerate launch`: compiled under DDP (multi_gpu.yaml),
 #   trainer_fsdp_eager_backpack     then FSDP2 (fsdp.yaml) eager and compiled; one process per GPU of the machine
 #   trainer_fsdp_compiled_backpack  (the smoke run: 2 CPU processes, cpu.yaml / fsdp_cpu.yaml)  -> trainer/*/
-#   bench_train_compiled       bench/run.py: the trainer's step compiled with fullgraph=True   -> bench_train_compiled.json
+#   bench_train_compiled       bench/run.py: the trainer's step (train/loss.py's step_gradients; the Backpack's sense
+#                              network once per distinct word of the step, over 4 micro-batches) compiled with
+#                              fullgraph=True and eager, against GPT-2's; the per-token step beside them
+#                                                                                         -> bench_train_compiled.json
 #   bench_memory               bench/run.py training-step peak memory and the paper's Table 7 -> bench_memory.json
 #   summary                    bench/device_summary.py: summary.json + summary.md (the GPU targets)
 #
@@ -89,6 +93,7 @@ if [ "$SMOKE" = 1 ]; then
          --size memory_seqs=64 --size memory_batch=1 --size warmup=0 --size reps=1 --size generate_reps=1
          --size table7_configs=tiny --size table7_batch=1 --size table7_reps=1)
   GENERATE_SIZES=()
+  TRAIN_STEP_SIZES=(--size train_micro_batches=2)
   MEMORY_SECTIONS=memory
   COMPILE_ENV=(TORCH_COMPILE_OVERRIDE_BACKENDS=">=0:eager")
   TRAIN_CONFIG=nano; N_EMBD=64; N_LAYER=1; N_HEAD=2; NUM_SENSES=4; SEQ=32; BATCH=2; TOKENS_PER_STEP=64
@@ -105,6 +110,9 @@ else
   # One repetition of each generation (the last lease: > 4 minutes at the defaults), the no-cache loop at batch
   # 1 only (O(N^2)); Table 7 with 20 forwards per size; memory in-process.
   GENERATE_SIZES=(--size generate_reps=1 --size recompute_batches=1)
+  # The trainer's step as 4 micro-batches of 8 x 512 (16,384 tokens, as one batch of 32 before): one table of
+  # distinct words for the step, read by all four.
+  TRAIN_STEP_SIZES=(--size train_batch=8 --size train_micro_batches=4)
   MEMORY_SECTIONS=memory,table7
   COMPILE_ENV=()
   TRAIN_CONFIG=small; N_EMBD=768; N_LAYER=12; N_HEAD=12; NUM_SENSES=16; SEQ=512; BATCH=8; TOKENS_PER_STEP=131072
@@ -246,7 +254,7 @@ for spec in ddp:compiled fsdp:eager fsdp:compiled; do
   cp "$WORK/trainer-$run_name/log_history.jsonl" "$OUT_DIR/trainer/$run_name/" 2>/dev/null
   rm -rf "$WORK/trainer-$run_name"
 done
-run_step bench_train_compiled "$PY" bench/run.py "${BENCH[@]}" --sections train_compiled,mfu \
+run_step bench_train_compiled "$PY" bench/run.py "${BENCH[@]}" "${TRAIN_STEP_SIZES[@]}" --sections train_compiled,mfu \
   --json "$OUT_DIR/bench_train_compiled.json"
 run_step bench_memory "$PY" bench/run.py "${BENCH[@]}" --sections "$MEMORY_SECTIONS" --no-isolate \
   --json "$OUT_DIR/bench_memory.json"

@@ -7,12 +7,22 @@ import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 from transformers import GPT2Config, PreTrainedModel
 
-from backpack_bench.configs import BenchSizes, build_models
-from backpack_bench.data import TokenBatches
+from backpack_bench.configs import BenchSizes, build_models, meta_models
+from backpack_bench.data import TokenBatches, packed_blocks
 from backpack_bench.timing import interleaved_times, summarize, time_call
+from backpack_train.data import collate_blocks
+from backpack_train.distinct_words import (
+    DistinctWordSenses,
+    calibrated_buckets,
+    distinct_count,
+    plan_distinct_words,
+    sample_step_counts,
+)
+from backpack_train.loss import step_gradients
 
 GPT2_EOS = 50256
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -47,18 +57,41 @@ def train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, ids: to
     return loss.detach()
 
 
-def trainer_step(model, optimizer: torch.optim.Optimizer, blocks: torch.LongTensor) -> torch.Tensor:
-    """One optimisation step exactly as `train/loss.py` computes it: a packed block of n + 1 tokens gives inputs
-    `blocks[:, :-1]` (with the trainer's explicit all-ones attention mask) and targets `blocks[:, 1:]`; the
-    cross-entropy is taken in float32 outside the model (so a compiled `model` covers the forward only, as with
-    the trainer's `--compile true`)."""
+def collate(blocks: torch.LongTensor | np.ndarray) -> dict[str, torch.Tensor]:
+    """Packed blocks (batch, n + 1) -> a CPU micro-batch, by the trainer's own collator (inputs `block[:-1]`,
+    targets `block[1:]`)."""
+    return collate_blocks([{"input_ids": row} for row in np.asarray(blocks).tolist()], GPT2_EOS)
+
+
+def trainer_distinct_words(model: torch.nn.Module, buckets: tuple[int, ...],
+                           shared: bool = True) -> DistinctWordSenses | None:
+    """The trainer's distinct-word senses for a Backpack (one table per optimizer step when `shared`, else per
+    micro-batch); None for GPT-2. `model` may be compiled (`torch.compile` keeps the module as `_orig_mod`)."""
+    module = getattr(model, "_orig_mod", model)
+    if not hasattr(module, "backpack"):
+        return None
+    return DistinctWordSenses(buckets, module.config.vocab_size, module.backpack.word_senses if shared else None)
+
+
+def step_buckets(micro_batches: list[dict], vocab_size: int) -> tuple[int, ...]:
+    """Word-list sizes for timing a fixed step: calibrated on that step's own distinct words, as the trainer
+    calibrates on sampled steps."""
+    ids = np.concatenate([batch["input_ids"].numpy().reshape(-1) for batch in micro_batches])
+    return calibrated_buckets([distinct_count(ids)], ids.size, vocab_size)
+
+
+def trainer_step(model, optimizer: torch.optim.Optimizer, micro_batches: list[dict], device: torch.device,
+                 distinct_words: DistinctWordSenses | None = None) -> torch.Tensor:
+    """One optimisation step through the trainer's own step function, `step_gradients` (train/loss.py): CPU
+    micro-batches from its collator, their token ids read on the host (distinct-word senses for a Backpack), moved
+    to `device`, forward (a compiled `model` covers the forward only, as with `--compile true`), float32
+    cross-entropy outside the model, backward scaled by the accumulation; then the AdamW step."""
     optimizer.zero_grad(set_to_none=True)
-    inputs, targets = blocks[:, :-1], blocks[:, 1:]
-    logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-    loss.backward()
+    accumulation = len(micro_batches)
+    loss = step_gradients(model, micro_batches, backward=lambda micro_loss: (micro_loss / accumulation).backward(),
+                          distinct_words=distinct_words, device=device)
     optimizer.step()
-    return loss.detach()
+    return loss
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -318,12 +351,19 @@ def bench_generate(
     return results
 
 
+def trainer_micro_batches(data: TokenBatches, sizes: BenchSizes, offset: int = 7919) -> list[dict]:
+    """`train_micro_batches` CPU micro-batches of (train_batch, seq + 1) packed blocks of real text, collated."""
+    blocks = data.batch(sizes.train_batch * sizes.train_micro_batches, sizes.seq + 1, offset=offset)
+    return [collate(part) for part in blocks.split(sizes.train_batch)]
+
+
 def bench_train_compiled(
     backpack, gpt2, data: TokenBatches, sizes: BenchSizes, device, tick, backend: str = "inductor"
 ) -> dict:
-    """The trainer's step (`trainer_step`) with the model compiled the way `--compile true` does it
-    (`torch.compile(model)`), asking for one graph (`fullgraph=True`), against the eager step, all four
-    interleaved.
+    """The trainer's step (`trainer_step`: `train_micro_batches` micro-batches, a Backpack's sense network once
+    per distinct word of the step) with the model compiled the way `--compile true` does it (`torch.compile(model)`),
+    asking for one graph (`fullgraph=True`), against the eager step, all interleaved, with the Backpack's per-token
+    eager step beside them.
 
     A model whose forward and backward do not capture as one graph records the error and is measured again with
     `fullgraph=False` (graph breaks allowed, counted). `compile_s` is the first call (compilation included);
@@ -331,10 +371,12 @@ def bench_train_compiled(
     """
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"unknown compile backend {backend!r}; choose from {COMPILE_BACKENDS}")
-    blocks = data.batch(sizes.train_batch, sizes.seq + 1, offset=7919).to(device)
+    micro_batches = trainer_micro_batches(data, sizes)
     models = {"backpack": backpack, "gpt2": gpt2}
     optimizers = {name: make_optimizer(model) for name, model in models.items()}
-    results: dict = {"batch": sizes.train_batch, "seq": sizes.seq, "backend": backend}
+    buckets = step_buckets(micro_batches, backpack.config.vocab_size)
+    results: dict = {"batch": sizes.train_batch * sizes.train_micro_batches, "seq": sizes.seq, "backend": backend,
+                     "micro_batches": sizes.train_micro_batches, "word_buckets": list(buckets)}
     candidates: dict[str, Callable[[], object]] = {}
     torch._dynamo.reset()
     try:
@@ -344,9 +386,10 @@ def bench_train_compiled(
             record: dict = {}
             for fullgraph in (True, False):
                 compiled = torch.compile(model, backend=backend, fullgraph=fullgraph)
+                senses = trainer_distinct_words(compiled, buckets)
 
-                def step(compiled_model=compiled, model_optimizer=optimizer):
-                    return trainer_step(compiled_model, model_optimizer, blocks)
+                def step(compiled_model=compiled, model_optimizer=optimizer, senses=senses):
+                    return trainer_step(compiled_model, model_optimizer, micro_batches, device, senses)
 
                 breaks_before = dynamo_graph_break_count()
                 try:
@@ -359,7 +402,17 @@ def bench_train_compiled(
                 record.update(fullgraph=fullgraph, graph_breaks=dynamo_graph_break_count() - breaks_before)
                 candidates[f"{name}_compiled"] = step
                 break
-            candidates[f"{name}_eager"] = (lambda m=model, o=optimizer: trainer_step(m, o, blocks))
+            senses = trainer_distinct_words(model, buckets)
+            candidates[f"{name}_eager"] = (
+                lambda m=model, o=optimizer, senses=senses: trainer_step(m, o, micro_batches, device, senses))
+            if senses is not None:
+                plan = plan_distinct_words([batch["input_ids"].numpy() for batch in micro_batches], buckets,
+                                           model.config.vocab_size)
+                results["distinct_words"] = {"words": plan.distinct, "padded_to": int(plan.words.numel()),
+                                             "tokens": sum(batch["input_ids"].numel() for batch in micro_batches)}
+                # The per-token path (--distinct_word_senses false), eager: what the distinct words save.
+                candidates[f"{name}_per_token_eager"] = (
+                    lambda m=model, o=optimizer: trainer_step(m, o, micro_batches, device))
             results[f"{name}_compile"] = record
         graphs_before = dynamo_graph_count()
         times = interleaved_times(candidates, device, sizes.warmup, sizes.reps, tick)
@@ -450,6 +503,120 @@ def bench_mfu(results: dict, backpack, gpt2, data: TokenBatches, device_name: st
                 entry[f"{name}{suffix}"] = {"flops_per_step": step_flops,
                                             "mfu": mfu(timing["median_s"], step_flops, peak)}
     return entry
+
+
+def counted_flops(step: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of everything `step` runs on the meta device, forward and backward (torch's FlopCounterMode):
+    ``total``, and ``attention``, the part in attention's n x n products (GPT-2's, and the Backpack's weighted
+    sense sum), counted over the full matrix.
+
+    On the meta device `scaled_dot_product_attention` decomposes into batched matmuls (bmm), which nothing else
+    in either model uses (linear layers run as mm/addmm), so bmm FLOPs are the attention FLOPs. (On a CPU, torch's
+    fused attention kernel is not counted at all.) No tensor holds values on the meta device, so transformers'
+    check for several sequences packed in one row (which reads the position ids back) is answered as it would be
+    for the trainer's blocks, whose positions run 0 .. n-1 in every row: none.
+    """
+    from unittest import mock
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, mock.patch("transformers.masking_utils.find_packed_sequence_indices", return_value=None):
+        step()
+    by_op = counter.get_flop_counts().get("Global", {})
+    attention = sum(flops for op, flops in by_op.items() if str(op) == "aten.bmm")
+    return {"total": int(counter.get_total_flops()), "attention": int(attention)}
+
+
+ATTENTION_COUNTS = ("causal", "full", "none")
+
+
+def bench_train_cost(config_name: str, sizes: BenchSizes, data_source: str, seed: int = 0) -> dict:
+    """FLOPs per token of one optimizer step of the trainer, per process: Backpack (its sense network once per
+    distinct word of the step) and GPT-2, counted on the trainer's own step function (`step_gradients`).
+
+    One process's step is `train_cost_tokens` tokens: micro-batches of `train_cost_batch` x `seq` tokens, of
+    random packed blocks of the corpus (the trainer's embedded corpus for real text), as the trainer's data order
+    draws them. The word lists are padded to buckets calibrated on sampled steps of the same corpus, as the trainer
+    does. Counting runs on the meta device (shapes only, no arithmetic), so Small at 131,072 tokens takes seconds;
+    the AdamW update (elementwise, no FLOPs counted) is left out.
+
+    Attention's n x n products are counted three ways (`ratio_by_attention_count`): ``causal`` (half of each
+    matrix, what the causal kernels both models run compute; the headline), ``full`` (the whole matrix, torch's
+    count) and ``none`` (left out, as FlopCounterMode on a CPU leaves out the fused kernel). Beside the trainer's
+    Backpack: the per-token path (`--distinct_word_senses false`: the FLOPs a per-token implementation spends, the
+    ones MFU is quoted on) and one table per micro-batch (the path under FSDP).
+    """
+    seq, batch = sizes.seq, sizes.train_cost_batch
+    accumulation = max(1, round(sizes.train_cost_tokens / (batch * seq)))
+    blocks_per_step = accumulation * batch
+    blocks = packed_blocks(data_source, seq + 1, 50264, seed, min_blocks=blocks_per_step)
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    micro_batches = [collate(part) for part in np.split(blocks[np.resize(order, blocks_per_step)], accumulation)]
+    tokens = blocks_per_step * seq
+    backpack, gpt2 = meta_models(config_name, seq)
+    vocab_size = backpack.config.vocab_size
+    step_counts = sample_step_counts(lambda indices: blocks[indices], len(blocks), blocks_per_step, GPT2_EOS, seed)
+    micro_counts = sample_step_counts(lambda indices: blocks[indices], len(blocks), batch, GPT2_EOS, seed)
+    step_buckets_ = calibrated_buckets(step_counts, tokens, vocab_size)
+    micro_buckets = calibrated_buckets(micro_counts, batch * seq, vocab_size)
+
+    def count(model, batches: list[dict], senses: DistinctWordSenses | None, repeat: int = 1) -> dict[str, int]:
+        model.train()
+        flops = counted_flops(lambda: step_gradients(
+            model, batches, backward=lambda loss: (loss / accumulation).backward(), distinct_words=senses,
+            device="meta"))
+        model.zero_grad(set_to_none=True)
+        return {key: value * repeat for key, value in flops.items()}
+
+    # GPT-2 and the per-token Backpack: every micro-batch has the same shapes, so one is counted for all.
+    counted = {"gpt2": count(gpt2, micro_batches[:1], None, accumulation),
+               "backpack_per_token": count(backpack, micro_batches[:1], None, accumulation)}
+    shared = trainer_distinct_words(backpack, step_buckets_)
+    counted["backpack"] = count(backpack, micro_batches, shared)  # the trainer's step: one table, M micro-batches
+    plan = shared.last_plan
+    # One table per micro-batch: micro-batches padded to the same bucket cost the same.
+    sizes_of = [plan_distinct_words([batch_["input_ids"].numpy()], micro_buckets, vocab_size).words.numel()
+                for batch_ in micro_batches]
+    per_micro = {"total": 0, "attention": 0}
+    for size in sorted(set(sizes_of)):
+        first = sizes_of.index(size)
+        part = count(backpack, micro_batches[first:first + 1], trainer_distinct_words(backpack, micro_buckets, False),
+                     sizes_of.count(size))
+        per_micro = {key: per_micro[key] + part[key] for key in per_micro}
+    counted["backpack_table_per_micro_batch"] = per_micro
+
+    def per_token(flops: dict[str, int], attention: str) -> float:
+        share = {"causal": 0.5, "full": 1.0, "none": 0.0}[attention]
+        return (flops["total"] - (1 - share) * flops["attention"]) / tokens
+
+    ratios = {attention: per_token(counted["backpack"], attention) / per_token(counted["gpt2"], attention)
+              for attention in ATTENTION_COUNTS}
+    return {
+        "flops_per_token": {name: per_token(counted[name], "causal") for name in ("backpack", "gpt2")},
+        "ratio": ratios["causal"],
+        "tokens_per_step_per_process": tokens,
+        "size": config_name,
+        "attention_count": "causal: half of each n x n attention product, as causal kernels compute",
+        "ratio_by_attention_count": ratios,
+        "flops_per_token_by_attention_count": {
+            attention: {name: per_token(flops, attention) for name, flops in counted.items()}
+            for attention in ATTENTION_COUNTS},
+        "backpack_variants_ratio": {
+            name: per_token(counted[name], "causal") / per_token(counted["gpt2"], "causal")
+            for name in ("backpack_per_token", "backpack_table_per_micro_batch")},
+        "micro_batches": accumulation,
+        "batch": batch,
+        "seq": seq,
+        "data": data_source,
+        "distinct_words": plan.distinct,
+        "distinct_fraction": plan.distinct / tokens,
+        "word_list_padded_to": int(plan.words.numel()),
+        "word_buckets": list(step_buckets_),
+        "micro_batch_word_buckets": list(micro_buckets),
+        "counted": "torch FlopCounterMode on the meta device: forward + backward of every micro-batch of one "
+                   "process's optimizer step (trainer's step_gradients); AdamW update not counted",
+    }
 
 
 def bench_table7(sizes: BenchSizes, data: TokenBatches, device, dtype, attn: str, tick) -> dict:

@@ -9,7 +9,8 @@ Measures forward and training-step time against the matched `GPT2LMHeadModel` (e
 trainer's `--compile true` does), greedy generation (the default cache against GPT-2's `generate`, the published
 code's no-cache loop, a static cache with and without `torch.compile(mode="reduce-overhead", fullgraph=True)`),
 per-token decoding latency at two positions, training-step peak memory of the fused vs materialised sense sum,
-and on CUDA the model FLOP utilisation and the paper's Table 7. Writes every raw timing and the headline ratios
+the FLOPs per token of one optimizer step of the trainer (`train_cost`, counted on the meta device), and on CUDA
+the model FLOP utilisation and the paper's Table 7. Writes every raw timing and the headline ratios
 to JSON (after every section, so a run cut short keeps what it measured) and prints a markdown table. Targets
 are reported, never enforced.
 """
@@ -30,7 +31,7 @@ import transformers
 from tqdm import tqdm
 
 from backpack.files import write_json_atomically
-from backpack_bench.configs import MODEL_SIZES, BenchSizes, build_models, default_sizes, parameter_count
+from backpack_bench.configs import MODEL_SIZES, BenchSizes, build_models, default_sizes, meta_models, parameter_count
 from backpack_bench.data import DATA_SOURCES, TokenBatches
 from backpack_bench.measure import (
     COMPILE_BACKENDS,
@@ -41,6 +42,7 @@ from backpack_bench.measure import (
     bench_mfu,
     bench_table7,
     bench_train_compiled,
+    bench_train_cost,
     bench_train_step,
 )
 from backpack_bench.memory import bench_memory
@@ -56,8 +58,8 @@ from backpack_bench.report import (
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ALL_SECTIONS = ("forward", "train", "train_compiled", "generate", "latency", "memory", "mfu", "table7")
-CPU_SECTIONS = ("forward", "train", "generate", "latency", "memory")  # compiling on a CPU takes minutes
+ALL_SECTIONS = ("forward", "train", "train_compiled", "generate", "latency", "memory", "mfu", "table7", "train_cost")
+CPU_SECTIONS = ("forward", "train", "generate", "latency", "memory", "train_cost")  # compiling on a CPU takes minutes
 CPU_GENERATE_MODES = ("default", "recompute", "static")
 CUDA_GENERATE_MODES = ("default", "recompute", "static", "static_compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -217,9 +219,13 @@ def run_benchmarks(
     sections = chosen_sections(args)
     modes = chosen_generate_modes(args)
     n_positions = max(512, sizes.prompt_len + sizes.new_tokens, max(sizes.latency_positions) + 1)
-    need_tokens = max(sizes.forward_batch, sizes.train_batch, sizes.table7_batch) * sizes.seq * 2 + 200_000
-    data = TokenBatches(args.data, need_tokens, 50264, args.seed)
-    backpack, gpt2 = build_models(args.config, n_positions, args.attn, device, dtype, args.seed)
+    need_tokens = max(sizes.forward_batch, sizes.train_batch * sizes.train_micro_batches,
+                      sizes.table7_batch) * sizes.seq * 2 + 200_000
+    if set(sections) <= {"train_cost"}:  # counting alone: it reads its own corpus and needs no weights
+        data, (backpack, gpt2) = None, meta_models(args.config, n_positions)
+    else:
+        data = TokenBatches(args.data, need_tokens, 50264, args.seed)
+        backpack, gpt2 = build_models(args.config, n_positions, args.attn, device, dtype, args.seed)
     if args.sense_table:
         backpack.precompute_senses()  # training steps (with gradients) still run the sense network
 
@@ -243,7 +249,8 @@ def run_benchmarks(
             "data_note": ("real text: GPT-2 tokens of gensim's shipped sample; the Backpack's sense network "
                           "runs once per distinct token") if args.data != "random" else "uniform random token ids",
             "distinct_token_fraction": {
-                f"{sizes.forward_batch}x{sizes.seq}": data.distinct_fraction(sizes.forward_batch, sizes.seq)},
+                f"{sizes.forward_batch}x{sizes.seq}": data.distinct_fraction(sizes.forward_batch, sizes.seq)
+            } if data is not None else {},
             "quick": args.quick,
             "sense_table": args.sense_table,
             "sizes": sizes.as_dict(),
@@ -278,6 +285,10 @@ def run_benchmarks(
                                        str(dtype).removeprefix("torch."), args.attn, args.data,
                                        not args.no_isolate, tick, sizes.memory_paths, args.threads),
     }
+    # train_cost counts on the meta device, on the trainer's embedded corpus (Wikipedia + Lee) unless --data says
+    # lee or random.
+    cost_data = args.data if args.data in ("lee", "random") else "embedded"
+    steps["train_cost"] = lambda: bench_train_cost(args.config, sizes, cost_data, args.seed)
     result_keys = {"train": "train_step"}
     publish()
     for section in sections:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,9 +23,9 @@ from backpack_bench.run import main, override_sizes, parse_args, run_benchmarks
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_SIZES = BenchSizes(
-    forward_batch=1, seq=32, train_batch=1, generate_batches=(1, 2), prompt_len=4, new_tokens=4,
-    recompute_batches=(1,), latency_positions=(8, 16), memory_seqs=(256,), memory_batch=1,
-    warmup=0, reps=1, generate_reps=1, latency_reps=2,
+    forward_batch=1, seq=32, train_batch=1, train_micro_batches=2, generate_batches=(1, 2), prompt_len=4,
+    new_tokens=4, recompute_batches=(1,), latency_positions=(8, 16), memory_seqs=(256,), memory_batch=1,
+    warmup=0, reps=1, generate_reps=1, latency_reps=2, train_cost_tokens=256, train_cost_batch=2,
 )
 
 
@@ -32,7 +33,8 @@ def test_bench_runs_and_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
     main(["--config", "tiny", "--data", "random", "--no-isolate", "--json", str(out), "--plot", str(plot),
-          "--sections", "forward,train,train_compiled,generate,latency,memory,mfu", "--compile-backend", "eager",
+          "--sections", "forward,train,train_compiled,generate,latency,memory,mfu,train_cost",
+          "--compile-backend", "eager",
           "--generate-modes", "default,recompute,static,static_compiled"], sizes=TINY_SIZES)
     results = json.loads(out.read_text())
     for key in (*RATIO_KEYS, "device"):
@@ -45,7 +47,7 @@ def test_bench_runs_and_writes_every_key(tmp_path, capsys):
             # The static cache (compiled or not) reproduces the default cache's greedy tokens.
             assert results["generate"][batch][variant]["matches_default_cache_tokens"] is True, (batch, variant)
         assert results["generate"][batch]["backpack_static_compiled"]["graphs_compiled_during_timed_calls"] == 0
-    for section in ("forward", "train_step", "train_compiled", "generate", "latency", "memory", "mfu"):
+    for section in ("forward", "train_step", "train_compiled", "generate", "latency", "memory", "mfu", "train_cost"):
         assert section in results
     for name in ("backpack", "gpt2"):
         assert results["train_compiled"][f"{name}_compiled"]["median_s"] > 0
@@ -55,6 +57,13 @@ def test_bench_runs_and_writes_every_key(tmp_path, capsys):
             "graph_breaks": 0}
         assert results["mfu"][f"{name}_compiled"]["flops_per_step"] > 0
     assert results["train_compiled"]["graphs_compiled_during_timed_steps"] == 0
+    # The trainer's step with distinct-word senses (2 micro-batches, one table), and the per-token path beside it.
+    assert results["train_compiled"]["micro_batches"] == 2 and results["train_compiled"]["distinct_words"]["words"] > 0
+    assert results["train_compiled"]["backpack_per_token_eager"]["median_s"] > 0
+    cost = results["train_cost"]
+    assert set(cost["flops_per_token"]) == {"backpack", "gpt2"} and cost["size"] == "tiny"
+    assert cost["tokens_per_step_per_process"] == 256 and cost["micro_batches"] == 4
+    assert cost["ratio"] == pytest.approx(cost["flops_per_token"]["backpack"] / cost["flops_per_token"]["gpt2"])
     assert results["forward"]["backpack"]["raw_s"] and results["forward"]["gpt2"]["raw_s"]
     # The published-implementation loop and the cached generate() must produce the same greedy tokens.
     assert results["generate"]["batch1"]["recompute_matches_cached_tokens"] is True
@@ -62,6 +71,32 @@ def test_bench_runs_and_writes_every_key(tmp_path, capsys):
     assert plot.stat().st_size > 0
     table = capsys.readouterr().out
     assert "| measurement | Backpack | baseline | ratio | target | met |" in table
+
+
+def test_train_cost_counts_the_sense_network_once_per_distinct_word(monkeypatch):
+    """FLOPs of the trainer's step on the meta device: GPT-2's are the textbook 6 x (weights in matmuls) per token
+    plus attention; the Backpack's distinct-word step saves exactly the sense network's forward and backward of
+    every position beyond the padded word list."""
+    from backpack_bench import measure
+    from backpack_bench.configs import backpack_config
+
+    def repetitive_blocks(source, block_size, vocab_size, seed=0, min_blocks=1):  # a 100-word text
+        return np.random.default_rng(seed).integers(0, 100, (64, block_size))
+
+    monkeypatch.setattr(measure, "packed_blocks", repetitive_blocks)
+    sizes = BenchSizes(seq=64, train_cost_tokens=2048, train_cost_batch=4)
+    cost = measure.bench_train_cost("tiny", sizes, "random")
+    config = backpack_config("tiny")
+    d, layers, vocab, k, scale = (config.n_embd, config.n_layer, config.vocab_size, config.num_senses,
+                                  config.sense_intermediate_scale)
+    no_attention = cost["flops_per_token_by_attention_count"]["none"]
+    assert no_attention["gpt2"] == 6 * (12 * d * d * layers + d * vocab)
+    assert cost["micro_batches"] == 8 and cost["distinct_words"] == 100 and cost["word_list_padded_to"] == 128
+    sense_network = 2 * (2 * 4 * d * d + scale * d * d + scale * d * k * d)  # forward FLOPs per word
+    saved = 3 * sense_network * (2048 - 128) / 2048
+    assert no_attention["backpack_per_token"] - no_attention["backpack"] == pytest.approx(saved, rel=1e-9)
+    assert cost["ratio"] < cost["backpack_variants_ratio"]["backpack_table_per_micro_batch"] \
+        < cost["backpack_variants_ratio"]["backpack_per_token"]
 
 
 def test_backpack_flops_exceed_gpt2():

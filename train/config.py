@@ -101,6 +101,12 @@ class TrainArguments:
     )
     gradient_checkpointing: bool = False
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (Accelerate's dynamo backend)."})
+    distinct_word_senses: bool = field(
+        default=True,
+        metadata={"help": "Backpack: run the sense network once per distinct word of each optimizer step (its "
+                  "dropout then draws one mask per word and step) instead of once per token; false reproduces the "
+                  "paper's per-token training exactly."},
+    )
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = field(default=1000, metadata={"help": "Validate every N steps (and at start and end)."})
     eval_batches: int | None = field(

@@ -45,13 +45,15 @@ from backpack_train.checkpointing import (
 from backpack_train.config import TrainArguments, final_step
 from backpack_train.data import PAD_TOKEN, make_validation_loader
 from backpack_train.data_order import StepLayout, training_batches
+from backpack_train.distinct_words import training_distinct_words
 from backpack_train.export import export_model
 from backpack_train.interrupt import StopOnSignal
-from backpack_train.loss import evaluate, token_losses
+from backpack_train.loss import evaluate, step_gradients
 from backpack_train.model import build_optimizer, count_parameters
 from backpack_train.parallel import (
     Parallelism,
     ShardedTrainingState,
+    expect_graphs,
     micro_step,
     plan_of,
     prepare_for_training,
@@ -287,6 +289,19 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
     batches = training_batches(packed["train"], layout, state.sequences, args.seed,
                                pin_memory=accelerator.device.type == "cuda")
     agree = HostSums(accelerator)
+    distinct_words = None
+    if args.model == "backpack" and args.distinct_word_senses:
+        # The sense network once per distinct word of each step (train/distinct_words.py). Under FSDP the table is
+        # computed inside each micro-batch's forward, where FSDP gathers the parameters.
+        distinct_words = training_distinct_words(
+            accelerator.unwrap_model(model), packed["train"], args.batch_size, layout.accumulation,
+            args.n_positions + 1, args.seed, share=not plan.sharded, autocast=accelerator.autocast)
+        if args.compile:
+            # Each word-list size a run meets is a graph of its own (one more in the step's last micro-batch).
+            expect_graphs(torch._dynamo.config.recompile_limit + 2 * len(distinct_words.buckets))
+        accelerator.print(f"distinct-word senses: the sense network runs once per distinct word of each "
+                          f"{'step' if distinct_words.word_senses else 'micro-batch'}, word lists padded to "
+                          f"{' / '.join(f'{size:,}' for size in distinct_words.buckets)} words")
 
     def next_step() -> tuple[list[dict], int, bool]:
         """This process's micro-batches of the next step, the step's target tokens (all processes) and whether
@@ -305,13 +320,8 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
         # over processes; the factor undoes both.
         targets = step_targets
         scale = accelerator.num_processes * layout.accumulation / max(targets, 1)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for batch in micro_batches:
-            batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
-            with micro_step(accelerator, model):
-                batch_loss = token_losses(model, batch).sum()
-                accelerator.backward(batch_loss * scale)
-            loss_sum += batch_loss.detach()
+        loss_sum = step_gradients(model, micro_batches, scale, accelerator.backward,
+                                  lambda: micro_step(accelerator, model), distinct_words, accelerator.device)
         if not accelerator.sync_gradients:  # never silently a step that does not update the weights
             raise RuntimeError(f"gradients were not synchronised after {layout.accumulation} micro-batch(es) of step "
                                f"{state.step + 1} (accelerator.step {accelerator.step}): the optimizer would not step")
