@@ -11,7 +11,7 @@ import time
 
 from forked_trainer import TINY, ForkedTrainer
 
-from backpack_train.run_folder import LOCK_FILE, RunLock
+from backpack_train.run_folder import LOCK_FILE, RunLock, read_lock_record
 
 
 def wait_for(condition, what: str, timeout: float = 300) -> None:
@@ -27,10 +27,9 @@ def test_a_second_trainer_is_refused_naming_the_first_and_kill_9_leaves_no_lock(
     argv = [*TINY, "--data_cache_dir", data_cache, "--output_dir", str(output_dir), "--eval_interval", "1000",
             "--max_steps", "1000", "--save_interval", "1000"]
     first, first_log = trainer.start(argv)
-    try:
-        log = output_dir / "log_history.jsonl"
-        wait_for(lambda: log.exists() and '"train/loss"' in log.read_text() or not first.is_alive(),
-                 "the first trainer's first step")
+    try:  # the lock is taken before anything else, and the record says who holds it
+        wait_for(lambda: read_lock_record(str(output_dir / LOCK_FILE)).get("pid") == first.pid
+                 or not first.is_alive(), "the first trainer's lock")
         assert first.is_alive(), first_log.read_text()[-3000:]
 
         started = time.perf_counter()
