@@ -1,6 +1,7 @@
 """Pretraining data: the embedded corpus, packing, local files, the disk cache, configs and clear errors."""
 
 import json
+import os
 
 import datasets
 import pytest
@@ -183,5 +184,20 @@ def test_a_bad_byte_past_the_first_mib_is_found_before_tokenising(tmp_path, toke
 def test_malformed_json_lines_name_the_file(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"text": "fine"}\n{"text": broken\n')
-    with pytest.raises(ValueError, match=f"could not read {path} as json"):
+    with pytest.raises(ValueError, match=f"{path}:2: not a JSON object"):  # before datasets reads it
         load_documents(DataArguments(data_files=[str(path)]))
+
+
+def test_a_data_file_rewritten_in_place_with_the_same_size_and_time_is_tokenised_again(tmp_path, tokenizer):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"The river bank number {i} floods in spring." for i in range(30)))
+    stat = path.stat()
+    args = DataArguments(data_files=[str(path)], data_cache_dir=str(tmp_path / "cache"), validation_fraction=0.1)
+    before = prepare_datasets(args, tokenizer, block_size=17)
+    path.write_text(path.read_text().replace("river", "money"))  # same length: " river" and " money" are 5 letters
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same modification time
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    after = prepare_datasets(args, tokenizer, block_size=17)
+    money = tokenizer.encode(" money")[0]
+    assert any(money in block for block in after["train"]["input_ids"])  # the new text, not the stale tokens
+    assert not any(money in block for block in before["train"]["input_ids"])

@@ -8,8 +8,11 @@ any of them again. Parsing is ``transformers.HfArgumentParser`` over the datacla
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
@@ -19,6 +22,29 @@ from transformers import HfArgumentParser
 from configuration_backpack_gpt2 import MODEL_SIZES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# Most micro-batches one optimizer step may accumulate: far beyond any recipe (the paper's 524,288 tokens are 128
+# micro-batches of 8 x 512), small enough that a step ends and a stop request is honoured within it.
+MAX_GRADIENT_ACCUMULATION = 65_536
+
+
+class InputError(Exception):
+    """A bad input (a setting, a config file, a data file) that the message names with what was expected; the
+    command lines print it as one line and exit with status 2, before any model is built."""
+
+
+class ConfigError(InputError, ValueError):
+    """A setting that can't be used: wrong type, out of range, unknown key, unreadable config file.
+
+    ``key``: the setting at fault, when there is one (a config file's value is then named with the file).
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class ConfigFileNotFound(InputError, FileNotFoundError):
+    """``--config`` names neither a file nor one of train/configs/."""
 
 
 @dataclass
@@ -149,16 +175,104 @@ class TrainArguments:
 
 
 def _yaml_values(path: str) -> dict:
-    """Read a config file (a name in train/configs/ or a path) into a flat dict, checking its keys."""
+    """Read a config file (a name in train/configs/ or a path) into a flat dict (keys and types: `check_values`)."""
     if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, f"{path}.yaml")):
         path = os.path.join(CONFIG_DIR, f"{path}.yaml")
+    if os.path.isdir(path):
+        raise ConfigError(f"--config {path} is a folder; expected a YAML file or one of {available_configs()}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path} (choose one of {available_configs()} or a path)")
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
+        raise ConfigFileNotFound(f"config file not found: {path} (choose one of {available_configs()} or a path)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"can't read config file {path}: {error}") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from error
+    if values is None:
+        return {}
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, not a "
+                          f"{type(values).__name__}")
     return values
+
+
+def _describe(value) -> str:
+    kind = {bool: "a boolean", str: "a string", float: "a number", int: "an integer", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{value!r} ({kind})"
+
+
+def _expected(annotation) -> str:
+    """How a type reads in a message: ``an integer``, ``one of backpack, gpt2``, ``a list of strings or null``."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [_expected(arg) for arg in args if arg is not type(None)]
+        return " or ".join(options) + (" or null" if type(None) in args else "")
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(arg) for arg in args)
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_expected(args[0]).removeprefix('a ')}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[annotation]
+
+
+def _convert(value, annotation):
+    """``value`` as ``annotation`` (a YAML number for a float, ``6e-4`` that YAML reads as text); TypeError if not."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _convert(value, arg)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise TypeError
+    if origin is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise TypeError
+        return [_convert(item, args[0]) for item in items]
+    if annotation is bool and type(value) is bool:
+        return value
+    if annotation is int and type(value) is int:
+        return value
+    if annotation is float and type(value) in (int, float, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError from None
+    if annotation is str and type(value) is str:
+        return value
+    raise TypeError
+
+
+def check_values(values: dict, dataclass_types: tuple[type, ...], where: str) -> dict:
+    """The config file's values, each checked against its key's type; unknown keys refused.
+
+    Raises:
+        ConfigError: naming the file, the key, what was given and what is expected, e.g.
+            ``nano.yaml: batch_size must be an integer, got 1.5 (a number)``.
+    """
+    hints = {name: hint for cls in dataclass_types for name, hint in typing.get_type_hints(cls).items()}
+    unknown = sorted(str(key) for key in values if key not in hints)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+    checked = {}
+    for key, value in values.items():
+        try:
+            checked[key] = _convert(value, hints[key])
+        except TypeError:
+            raise ConfigError(f"{where}: {key} must be {_expected(hints[key])}, got {_describe(value)}") from None
+    return checked
 
 
 def available_configs() -> list[str]:
@@ -178,24 +292,35 @@ def parse_args(
     parser = HfArgumentParser(dataclass_types, description=description)
     parser.add_argument("--config", default=None, help=f"YAML file or one of: {', '.join(available_configs())}")
     config_path = parser.parse_known_args(argv)[0].config
+    from_file: dict = {}
     if config_path is not None:
-        values = _yaml_values(config_path)
-        known = {f.name for cls in dataclass_types for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
-        parser.set_defaults(**values)
+        # The parser's defaults skip its type conversion: a YAML value is checked here (batch_size: 1.5 would
+        # otherwise reach the DataLoader).
+        from_file = check_values(_yaml_values(config_path), dataclass_types, config_path)
+        parser.set_defaults(**from_file)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     parsed = tuple(args for args in parsed if isinstance(args, dataclass_types))  # drop the --config namespace
+    try:
+        _validate(parsed, argv)
+    except ConfigError as error:  # a value of the config file (not overridden on the command line): name the file
+        if error.key in from_file and not given_on_command_line(argv, error.key):
+            raise ConfigError(f"{config_path}: {error}", key=error.key) from None
+        raise
+    return parsed
+
+
+def _validate(parsed: tuple, argv: list[str]) -> None:
+    """Fill the shape from the size, name the GPT-2 baseline's own folder, and check every range."""
     for args in parsed:
         if isinstance(args, TrainArguments):
             if args.model == "gpt2" and not given_on_command_line(argv, "output_dir"):
                 args.output_dir += "-gpt2"  # never the Backpack's folder of the same config
             apply_size(args)
             validate_train_args(args)
-    return parsed
+        if isinstance(args, DataArguments):
+            validate_data_args(args)
 
 
 def given_on_command_line(argv: list[str], key: str) -> bool:
@@ -207,30 +332,54 @@ def given_on_command_line(argv: list[str], key: str) -> bool:
 def apply_size(args: TrainArguments) -> None:
     """Fill the shape keys not given (in the config file or on the command line) from ``MODEL_SIZES[args.size]``."""
     if args.size not in MODEL_SIZES:
-        raise ValueError(f"unknown size {args.size!r}; choose one of {', '.join(MODEL_SIZES)}")
+        raise ConfigError(f"unknown size {args.size!r}; choose one of {', '.join(MODEL_SIZES)}", key="size")
     for key, value in MODEL_SIZES[args.size].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
 
 
+def _at_least(args, names: tuple[str, ...], minimum: int, optional: str = "") -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}{optional}, got {value}", key=name)
+
+
 def validate_train_args(args: TrainArguments) -> None:
-    """Reject inconsistent settings before any data or model is touched."""
-    positive = ("n_embd", "n_layer", "n_head", "n_positions", "num_senses", "max_steps", "batch_size",
-                "tokens_per_step", "eval_interval", "log_interval", "save_interval")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup_steps < 0 or args.learning_rate <= 0:
-        raise ValueError("warmup_steps must be >= 0 and learning_rate > 0")
-    for name in ("stop_at_step", "eval_batches"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise ValueError(f"save_total_limit must be >= 1 (or None: keep all), got {args.save_total_limit}")
+    """Reject out-of-range and inconsistent settings before any data or model is touched (``ConfigError``)."""
+    _at_least(args, ("n_embd", "n_layer", "n_head", "n_positions", "num_senses", "sense_intermediate_scale",
+                     "vocab_size", "max_steps", "batch_size", "tokens_per_step", "eval_interval", "log_interval",
+                     "save_interval"), 1)
+    _at_least(args, ("gradient_accumulation_steps", "save_total_limit"), 1, " (or null)")
+    _at_least(args, ("warmup_steps",), 0)
+    _at_least(args, ("stop_at_step", "eval_batches"), 0, " (or null)")
+    floats = {"learning_rate": (0, None), "adam_epsilon": (0, None), "max_grad_norm": (0, None),
+              "weight_decay": (0, None), "dropout": (0, 1), "adam_beta1": (0, 1), "adam_beta2": (0, 1)}
+    for name, (low, high) in floats.items():
+        value = getattr(args, name)
+        strict = name in ("learning_rate", "adam_epsilon", "max_grad_norm")
+        if not math.isfinite(value) or value < low or (strict and value == low) or (high is not None
+                                                                                    and value >= high):
+            bound = f"> {low}" if strict else f">= {low}"
+            raise ConfigError(f"{name} must be a finite number {bound}{f' and < {high}' if high else ''}, "
+                              f"got {value}", key=name)
+    if args.gradient_accumulation_steps is not None and args.gradient_accumulation_steps > MAX_GRADIENT_ACCUMULATION:
+        raise ConfigError(f"gradient_accumulation_steps {args.gradient_accumulation_steps:,} is more than "
+                          f"{MAX_GRADIENT_ACCUMULATION:,} micro-batches per optimizer step",
+                          key="gradient_accumulation_steps")
     if args.model == "backpack" and args.n_embd % args.num_senses:
-        raise ValueError(f"n_embd ({args.n_embd}) must be divisible by num_senses ({args.num_senses})")
+        raise ConfigError(f"n_embd ({args.n_embd}) must be divisible by num_senses ({args.num_senses})")
     if args.n_embd % args.n_head:
-        raise ValueError(f"n_embd ({args.n_embd}) must be divisible by n_head ({args.n_head})")
+        raise ConfigError(f"n_embd ({args.n_embd}) must be divisible by n_head ({args.n_head})")
+
+
+def validate_data_args(args: DataArguments) -> None:
+    """Reject out-of-range data settings (``ConfigError``); the files themselves: ``check_data_source``."""
+    _at_least(args, ("validation_documents",), 1)
+    _at_least(args, ("max_documents", "num_proc"), 1, " (or null)")
+    if not 0 < args.validation_fraction < 1:
+        raise ConfigError(f"validation_fraction must be in (0, 1), got {args.validation_fraction}",
+                          key="validation_fraction")
 
 
 def final_step(args: TrainArguments) -> int:
@@ -254,11 +403,22 @@ def shorten_warmup(args: TrainArguments) -> str | None:
 
 
 def gradient_accumulation_steps(args: TrainArguments, num_processes: int) -> int:
-    """Micro-batches per optimizer step so that one step sees about ``tokens_per_step`` tokens."""
+    """Micro-batches per optimizer step so that one step sees about ``tokens_per_step`` tokens.
+
+    Raises:
+        ConfigError: more than ``MAX_GRADIENT_ACCUMULATION`` of them (``--tokens_per_step 1e15`` would make a step
+            that never ends, and a stop request waits for the end of a step).
+    """
     if args.gradient_accumulation_steps is not None:
         return args.gradient_accumulation_steps
     tokens_per_micro_step = args.batch_size * args.n_positions * num_processes
-    return max(1, round(args.tokens_per_step / tokens_per_micro_step))
+    steps = max(1, round(args.tokens_per_step / tokens_per_micro_step))
+    if steps > MAX_GRADIENT_ACCUMULATION:
+        raise ConfigError(
+            f"tokens_per_step {args.tokens_per_step:,} takes {steps:,} micro-batches of {tokens_per_micro_step:,} "
+            f"tokens (batch_size {args.batch_size} x n_positions {args.n_positions} x {num_processes} process(es)) "
+            f"per optimizer step; at most {MAX_GRADIENT_ACCUMULATION:,}: lower tokens_per_step or raise batch_size")
+    return steps
 
 
 def as_dict(*args_objects) -> dict:

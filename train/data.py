@@ -18,13 +18,15 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 
 import datasets
 import torch
 from torch.utils.data import DataLoader
 
 from backpack.corpora import LEE_SAMPLE, WIKI_SAMPLE, gensim_test_file, lee_documents, wikipedia_articles
-from backpack_train.config import DataArguments
+from backpack_train.atomic import file_sha256
+from backpack_train.config import DataArguments, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -43,63 +45,153 @@ def embedded_documents() -> list[dict]:
     return documents
 
 
+class DataError(InputError, ValueError):
+    """A data source that holds nothing to train on, or can't be read as its format; the message names the file."""
+
+
+class DataFileNotFound(InputError, FileNotFoundError):
+    """A ``--data_files`` path or glob that matches no file."""
+
+
 def resolve_data_files(patterns: list[str]) -> list[str]:
     """Expand globs and check every file exists and has a supported extension, naming any that does not."""
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matches:
-            raise FileNotFoundError(f"data file not found: {pattern}")
+            what = "no file matches the pattern" if glob.has_magic(pattern) else "no such file"
+            raise DataFileNotFound(f"data file not found: {pattern} ({what})")
+        for path in matches:
+            if os.path.isdir(path):
+                raise DataError(f"data file {path} is a folder; give the files in it (e.g. "
+                                f"{os.path.join(path, '*.txt')})")
         files.extend(matches)
     builders = {FILE_BUILDERS.get(os.path.splitext(path)[1].lower()) for path in files}
     if None in builders:
         bad = [path for path in files if os.path.splitext(path)[1].lower() not in FILE_BUILDERS]
-        raise ValueError(f"unsupported data file type: {bad[0]} (use {', '.join(sorted(FILE_BUILDERS))})")
+        raise DataError(f"unsupported data file type: {bad[0]} (use {', '.join(sorted(FILE_BUILDERS))})")
     if len(builders) > 1:
-        raise ValueError(f"data files mix formats ({', '.join(sorted(builders))}); pass one kind at a time")
+        raise DataError(f"data files mix formats ({', '.join(sorted(builders))}); pass one kind at a time")
     return files
 
 
-def check_data_file(path: str, max_bytes: int | None = None) -> None:
-    """Refuse a data file that holds no text: empty, binary, not UTF-8, or (.parquet) not Parquet.
+JSON_CHECK_BYTES = 1 << 20  # the records of a JSON file checked before datasets reads it (its first MiB)
 
-    ``datasets`` would otherwise fail deep inside its builders (``SchemaInferenceError``, ``UnicodeDecodeError``)
-    without naming the file. Text formats are read in full (``max_bytes``: only their beginning).
+
+def check_data_file(path: str, max_bytes: int | None = None, text_column: str = "text") -> None:
+    """Refuse a data file that holds no text: empty, binary, not UTF-8, records without a text string, not Parquet.
+
+    ``datasets`` would otherwise fail deep inside its builders (``SchemaInferenceError``, ``UnicodeDecodeError``,
+    ``ArrowInvalid``) without naming the file. Text formats are read in full (``max_bytes``: only their
+    beginning); the records of a JSON / JSON-lines file are checked in its first MiB (a ``text_column`` that is
+    not a string, a line that is not a JSON object), a Parquet file's schema from its footer.
+
+    Raises:
+        DataError: naming the file (and the line, for JSON records).
     """
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as error:
+        raise DataError(f"can't read data file {path}: {error.strerror or error}") from error
     if size == 0:
-        raise ValueError(f"data file is empty: {path}")
-    if FILE_BUILDERS[os.path.splitext(path)[1].lower()] == "parquet":
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-            handle.seek(max(size - 4, 0))
-            tail = handle.read(4)
-        if size < 12 or head != b"PAR1" or tail != b"PAR1":
-            raise ValueError(f"data file is not a Parquet file (no PAR1 marks at its start and end): {path}")
+        raise DataError(f"data file is empty: {path}")
+    builder = FILE_BUILDERS[os.path.splitext(path)[1].lower()]
+    if builder == "parquet":
+        _check_parquet(path, size, text_column)
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, has_text = 0, False
+    offset, has_text, head = 0, False, []
     with open(path, "rb") as handle:
         while chunk := handle.read(min(1 << 20, max_bytes - offset) if max_bytes is not None else 1 << 20):
             if (zero := chunk.find(b"\x00")) >= 0:
-                raise ValueError(f"data file is binary, not text (a NUL byte at offset {offset + zero:,}; UTF-16 "
-                                 f"text has them too: convert it to UTF-8): {path}")
+                raise DataError(f"data file is binary, not text (a NUL byte at offset {offset + zero:,}; UTF-16 "
+                                f"text has them too: convert it to UTF-8): {path}")
             try:
-                has_text = bool(decoder.decode(chunk).strip()) or has_text
+                text = decoder.decode(chunk)
             except UnicodeDecodeError as error:
-                raise ValueError(
+                raise DataError(
                     f"data file is not UTF-8 text (byte {chunk[error.start:error.start + 1]!r} at offset "
                     f"{offset + error.start:,}; e.g. `iconv -f latin1 -t utf-8` converts Latin-1): {path}"
                 ) from None
+            has_text = has_text or bool(text.strip())
+            if builder == "json" and offset < JSON_CHECK_BYTES:
+                head.append(text)
             offset += len(chunk)
             if max_bytes is not None and offset >= max_bytes:
-                return
+                break
+    if max_bytes is None or offset < max_bytes:  # read to its end
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"data file is not UTF-8 text (it ends inside a character): {path}") from None
+    if not has_text and (max_bytes is None or offset < max_bytes):
+        raise DataError(f"data file holds only whitespace, no text: {path}")
+    if builder == "json":
+        _check_json_records(path, "".join(head), complete=offset <= JSON_CHECK_BYTES and offset == size,
+                            text_column=text_column)
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def _check_json_records(path: str, text: str, complete: bool, text_column: str) -> None:
+    """The records at the start of a JSON-lines file (or a whole JSON array) hold ``text_column`` as strings."""
+    if text.lstrip().startswith("["):  # one JSON array of records
+        if not complete:
+            return  # too large to parse here; datasets reads it
+        try:
+            records = list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})") from None
+        where = "record"
+    else:  # JSON lines: one object per line (the last line of an incomplete head may be cut: skipped)
+        lines = text.splitlines()[: None if complete else -1]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    records.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: not a JSON object ({error.msg}, column {error.colno}); "
+                                    "expected one JSON object per line") from None
+        where = "line"
+    fields: set[str] = set()
+    for number, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: {where} {number} is {_kind(record)}, not a JSON object with a "
+                            f"{text_column!r} field")
+        fields.update(record)
+        value = record.get(text_column)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{path}: {where} {number}: {text_column!r} is {json.dumps(value)[:40]} "
+                            f"({_kind(value)}); expected a string of text")
+    if records and text_column not in fields:
+        raise DataError(f"no column {text_column!r} in the records of {path} (their fields: "
+                        f"{', '.join(sorted(fields))}); set --text_column")
+
+
+def _check_parquet(path: str, size: int, text_column: str) -> None:
+    """A Parquet file whose footer reads and whose schema has ``text_column`` as strings."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(size - 4, 0))
+        tail = handle.read(4)
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        raise DataError(f"data file is not a Parquet file (no PAR1 marks at its start and end): {path}")
+    import pyarrow
+    import pyarrow.parquet
+
     try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise ValueError(f"data file is not UTF-8 text (it ends inside a character): {path}") from None
-    if not has_text:
-        raise ValueError(f"data file holds only whitespace, no text: {path}")
+        schema = pyarrow.parquet.ParquetFile(path).schema_arrow
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataError(f"data file is not a readable Parquet file ({error}): {path}") from None
+    if text_column not in schema.names:
+        raise DataError(f"no column {text_column!r} in {path} (columns: {', '.join(schema.names)}); set --text_column")
+    column = schema.field(text_column).type
+    if not (pyarrow.types.is_string(column) or pyarrow.types.is_large_string(column)):
+        raise DataError(f"{path}: the {text_column!r} column holds {column}, not strings of text")
 
 
 def check_data_source(args: DataArguments) -> None:
@@ -109,40 +201,44 @@ def check_data_source(args: DataArguments) -> None:
     before tokenising).
     """
     if args.dataset and args.data_files:
-        raise ValueError("pass either --dataset or --data_files, not both")
+        raise DataError("pass either --dataset or --data_files, not both")
     if args.data_files:
         for path in resolve_data_files(args.data_files):
-            check_data_file(path, max_bytes=1 << 20)
+            check_data_file(path, max_bytes=1 << 20, text_column=args.text_column)
     elif args.dataset is None:
         for name in (WIKI_SAMPLE, LEE_SAMPLE):
             gensim_test_file(name)
-    if not 0 < args.validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {args.validation_fraction}")
 
 
-def load_documents(args: DataArguments) -> datasets.DatasetDict | datasets.IterableDatasetDict:
-    """The documents of the requested source, as ``train`` and ``validation`` splits with a ``text`` column."""
+def load_documents(args: DataArguments, cache_dir: str | None = None
+                   ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """The documents of the requested source, as ``train`` and ``validation`` splits with a ``text`` column.
+
+    Args:
+        cache_dir: Where ``datasets`` keeps what it reads from local ``--data_files`` (default: its own cache).
+    """
     check_data_source(args)
     if args.data_files:
         files = resolve_data_files(args.data_files)
         for path in files:
-            check_data_file(path)
+            check_data_file(path, text_column=args.text_column)
         builder = FILE_BUILDERS[os.path.splitext(files[0])[1].lower()]
         extra = {"sample_by": args.text_sample_by} if builder == "text" else {}
         try:
-            raw = datasets.load_dataset(builder, data_files={"train": files}, streaming=args.streaming, **extra)
+            raw = datasets.load_dataset(builder, data_files={"train": files}, streaming=args.streaming,
+                                        cache_dir=cache_dir, **extra)
         except datasets.exceptions.DatasetGenerationError as error:
             cause = error.__cause__ or error
-            raise ValueError(f"could not read {' '.join(files) if len(files) < 4 else f'{len(files)} data files'} "
-                             f"as {builder}: {type(cause).__name__}: {cause}") from error
+            raise DataError(f"could not read {' '.join(files) if len(files) < 4 else f'{len(files)} data files'} "
+                            f"as {builder}: {type(cause).__name__}: {cause}") from error
     elif args.dataset:
         raw = _load_hub_dataset(args)
     else:
         raw = datasets.DatasetDict({"train": datasets.Dataset.from_list(embedded_documents())})
     if "train" not in raw:
-        raise ValueError(f"dataset {args.dataset} has no train split (splits: {', '.join(raw)})")
+        raise DataError(f"dataset {args.dataset} has no train split (splits: {', '.join(raw)})")
     if args.text_column not in (raw["train"].column_names or [args.text_column]):
-        raise ValueError(
+        raise DataError(
             f"no column '{args.text_column}' in the data (columns: {', '.join(raw['train'].column_names)}); "
             "set --text_column"
         )
@@ -156,7 +252,7 @@ def _load_hub_dataset(args: DataArguments) -> datasets.DatasetDict | datasets.It
     try:
         return datasets.load_dataset(args.dataset, args.dataset_config, streaming=args.streaming)
     except Exception as error:  # DatasetNotFoundError, ConnectionError, FileNotFoundError, ... all mean the same
-        raise FileNotFoundError(
+        raise DataFileNotFound(
             f"could not load dataset '{args.dataset}' (config {args.dataset_config}): {error}. Check the name, "
             "your connection to the Hub, or use --data_files for local files."
         ) from error
@@ -227,9 +323,14 @@ def tokenize_and_pack(
 
 
 def _cache_key(args: DataArguments, tokenizer, block_size: int) -> str:
-    """Hash of everything that determines the packed splits (files by path, size and modification time)."""
+    """Hash of everything that determines the packed splits; local files by path and SHA-256 of their content.
+
+    The content, not the size and modification time: a file rewritten in place with the same size within the
+    file system's time resolution (or with its mtime restored) would otherwise be trained on as its stale tokens.
+    Hashing reads the files once per run (about 1 GB/s), far less than tokenising them.
+    """
     if args.data_files:
-        source = [(path, os.path.getsize(path), os.path.getmtime(path)) for path in resolve_data_files(args.data_files)]
+        source = [(path, file_sha256(path)) for path in resolve_data_files(args.data_files)]
     elif args.dataset:
         source = [args.dataset, args.dataset_config]
     else:
@@ -258,17 +359,21 @@ def prepare_datasets(args: DataArguments, tokenizer, block_size: int):
     if os.path.exists(os.path.join(cache, "dataset_dict.json")):
         logger.info("Loading packed data from %s", cache)
         return datasets.load_from_disk(cache)
-    documents = load_documents(args)
-    packed = datasets.DatasetDict(
-        {split: tokenize_and_pack(docs, tokenizer, block_size, args.text_column, args.num_proc)
-         for split, docs in documents.items() if split in ("train", "validation")}
-    )
-    for split, blocks in packed.items():
-        if len(blocks) == 0:
-            raise ValueError(f"the {split} split holds no text to train on (column '{args.text_column}')")
-    # Write beside the final path and rename, so an interrupted run never leaves a half-written cache.
-    partial = f"{cache}.partial-{os.getpid()}"
-    packed.save_to_disk(partial)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    # Local files are read into a scratch cache of their own: datasets keys its cache of a local file by its
+    # modification time only, so a file rewritten in place would come back as its old content.
+    with tempfile.TemporaryDirectory(prefix=".reading-", dir=os.path.dirname(cache)) as scratch:
+        documents = load_documents(args, cache_dir=scratch if args.data_files else None)
+        packed = datasets.DatasetDict(
+            {split: tokenize_and_pack(docs, tokenizer, block_size, args.text_column, args.num_proc)
+             for split, docs in documents.items() if split in ("train", "validation")}
+        )
+        for split, blocks in packed.items():
+            if len(blocks) == 0:
+                raise DataError(f"the {split} split holds no text to train on (column '{args.text_column}')")
+        # Write beside the final path and rename, so an interrupted run never leaves a half-written cache.
+        partial = f"{cache}.partial-{os.getpid()}"
+        packed.save_to_disk(partial)
     try:
         os.replace(partial, cache)
     except OSError:  # another run finished the same cache first: keep theirs

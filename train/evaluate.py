@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from backpack.loading import load_model
-from backpack_train.config import DataArguments, parse_args
+from backpack_train.config import ConfigError, DataArguments, parse_args
 from backpack_train.data import check_data_source, collate_blocks, prepare_datasets
 from backpack_train.loss import evaluate
 
@@ -46,19 +46,30 @@ def load_model_and_tokenizer(path: str):
     return load_model(path, device=None)
 
 
+def check_eval_args(eval_args: EvalArguments, data_args: DataArguments) -> None:
+    """Refuse flags out of range before the model or data are loaded (``ConfigError``, naming the flag)."""
+    if data_args.streaming:
+        raise ConfigError("evaluation needs a finite split: drop --streaming")
+    if eval_args.split not in ("train", "validation"):
+        raise ConfigError(f"--split must be train or validation, got {eval_args.split}")
+    for flag, value, minimum in (("--block_size", eval_args.block_size, 1), ("--batch_size", eval_args.batch_size, 1),
+                                 ("--max_batches", eval_args.max_batches, 0)):
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag} must be an integer >= {minimum}"
+                              + (" (or left out: all of them)" if flag == "--max_batches" else "")
+                              + f", got {value}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate and print loss and perplexity; returns them."""
     data_args, eval_args = parse_args((DataArguments, EvalArguments), argv, description=__doc__)
+    check_eval_args(eval_args, data_args)
     check_data_source(data_args)
-    if data_args.streaming:
-        raise ValueError("evaluation needs a finite split: drop --streaming")
-    if eval_args.split not in ("train", "validation"):
-        raise ValueError(f"--split must be train or validation, got {eval_args.split}")
     accelerator = Accelerator(mixed_precision=eval_args.mixed_precision, cpu=eval_args.cpu)
     model, tokenizer = load_model_and_tokenizer(eval_args.model_path)
     block_size = eval_args.block_size or model.config.n_positions
     if block_size > model.config.n_positions:
-        raise ValueError(f"block_size {block_size} exceeds the model's n_positions {model.config.n_positions}")
+        raise ValueError(f"--block_size {block_size} exceeds the model's n_positions {model.config.n_positions}")
     with accelerator.main_process_first():
         blocks = prepare_datasets(data_args, tokenizer, block_size=block_size + 1)[eval_args.split]
     loader = DataLoader(blocks, batch_size=eval_args.batch_size, shuffle=False,

@@ -20,10 +20,32 @@ from accelerate import Accelerator
 from transformers.utils import logging as hf_logging
 
 from backpack_train import faults
-from backpack_train.atomic import fsync_dir, fsync_tree, hidden_sibling, write_json_atomically
+from backpack_train.atomic import (
+    fsync_dir,
+    fsync_tree,
+    hidden_sibling,
+    reason_for_write_failure,
+    write_json_atomically,
+)
+from backpack_train.checkpointing import CheckpointError, describe_newest
 from backpack_train.parallel import model_for_export
 
 FINAL_EXPORT_DIR = "model"
+
+
+class ExportError(CheckpointError):
+    """The final export could not be written (the OS's reason); nothing half-written is left under its name."""
+
+
+def _export_failed(error: BaseException, final: str, temporary: str, output_dir: str) -> ExportError:
+    """The error to raise for a failed final export: the OS's reason, what is left, and how to finish."""
+    folder = temporary if temporary and os.path.isdir(temporary) else os.path.dirname(os.path.abspath(final))
+    if isinstance(error, shutil.Error):  # copytree's list of failures: the OS's own reason comes from a probe
+        error = RuntimeError(error.args[0][0][2] if error.args and error.args[0] else str(error))
+    reason = reason_for_write_failure(error, folder)
+    return ExportError(f"could not write the final export {final}: {reason}. Nothing half-written was left under "
+                       f"that name. {describe_newest(output_dir)} Once the cause is fixed (e.g. space freed), the same "
+                       "command with --resume latest writes the export from the checkpoint of the last step.")
 
 
 def export_model(accelerator: Accelerator, model, tokenizer, folder: str, training_args: dict,
@@ -98,7 +120,12 @@ def export_final_model(accelerator: Accelerator, model, tokenizer, output_dir: s
             export_model(accelerator, model, tokenizer, temporary, training_args, metrics)
         if accelerator.is_main_process:
             _replace_folder(temporary, final)
-    except BaseException:
+    except Exception as error:  # a full disk, a quota, a read-only folder: one line, and how to finish
+        failure = _export_failed(error, final, temporary, output_dir)
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise failure from error
+    except BaseException:  # a second signal: no half-written folder stays behind
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -114,6 +141,10 @@ def restore_final_model(checkpoint: str, output_dir: str) -> str:
     try:
         shutil.copytree(os.path.join(checkpoint, FINAL_EXPORT_DIR), temporary)
         _replace_folder(temporary, final)
+    except OSError as error:  # a full disk (shutil.Error, an OSError, gathers the copy's failures)
+        failure = _export_failed(error, final, temporary, output_dir)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise failure from error
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

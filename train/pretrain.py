@@ -13,8 +13,8 @@ The package must be installed (`pip install -e '.[train]'`): this folder is the 
 of train/config.py can follow as ``--key value``; ``--resume latest`` continues a run exactly, on any number of
 processes, with the checkpoint's settings except those the command gives (each change is one printed line).
 Exit status: 0 done (or stopped by a first SIGTERM / Ctrl-C after saving), 1 a clear error (non-finite loss, a
-failed save, a bad checkpoint, a used output folder or one another trainer holds), 2 a setting that cannot be
-used (another model shape at resume), 128 + N a second signal N.
+failed save, a bad checkpoint, a used output folder or one another trainer holds), 2 a bad input named in one
+line (a setting's type or range, a config or data file; another model shape at resume), 128 + N a second signal N.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from backpack_train.checkpointing import (
 )
 from backpack_train.config import (
     DataArguments,
+    InputError,
     SettingsError,
     TrainArguments,
     apply_checkpoint_settings,
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     if distributed.is_main_process:
         print(plan.describe())  # the first line: how the model is spread over the processes
     check_data_source(data_args)  # a missing, empty or binary data file fails here, before anything is built
+    gradient_accumulation_steps(args, distributed.num_processes)  # a step of too many micro-batches, likewise
     with locked_output_dir(args.output_dir, distributed):  # one trainer per folder, from before the first look at it
         return run(data_args, args, explicit_keys(argv), distributed, started, plan)
 
@@ -171,7 +173,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, CheckpointError, OutputDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (SettingsError, ParallelismError) as error:
+    except (InputError, SettingsError, ParallelismError) as error:  # named in one line, before any model is built
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
