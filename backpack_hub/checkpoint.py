@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard
 
-from backpack.loading import ModelLoadError, is_backpack_config, load_pretrained_model
+from backpack.loading import (
+    ModelLoadError,
+    check_config_sizes,
+    check_finite_weights,
+    check_memory,
+    check_weight_files,
+    is_backpack_config,
+    load_pretrained_model,
+)
 from backpack.loading import load_tokenizer as load_tokenizer_files
 from backpack.tokenizer import gpt2_tokenizer
 from configuration_backpack_gpt2 import BackpackGPT2Config
@@ -122,14 +130,33 @@ def config_from_training_args(args: dict) -> BackpackGPT2Config:
     return model_config(train_args)
 
 
+def _refused(check, *args) -> None:
+    """Run one of the loader's checks of a broken checkpoint; its ModelLoadError becomes a CheckpointError."""
+    try:
+        check(*args)
+    except ModelLoadError as error:
+        raise CheckpointError(str(error)) from error
+
+
+def _raw_weights_file(folder: Path) -> Path | None:
+    return next((folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()),
+                None)
+
+
 def _load_raw_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict an Accelerate checkpoint stores for its first model (safetensors or a pickled .bin)."""
-    if (folder / "model.safetensors").is_file():
+    """The state dict an Accelerate checkpoint stores for its first model (safetensors or a pickled .bin).
+
+    The file is checked as the loader checks an export's (readable, floating-point tensors) before it is read.
+    """
+    path = _raw_weights_file(folder)
+    if path is not None:
+        _refused(check_weight_files, [path])
+    if path is not None and path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(folder / "model.safetensors")
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = load_file(path)
+    elif path is not None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     elif any(folder.glob("pytorch_model_fsdp_*")):
         raise CheckpointError(
             f"{folder} holds a sharded FSDP state (pytorch_model_fsdp_*): merge it first with "
@@ -292,6 +319,7 @@ def _load_accelerate_checkpoint(source: Path) -> Checkpoint:
         config_dict = read_json(export_dir / "config.json")
         if not is_backpack_config(config_dict):
             raise CheckpointError(f"{export_dir}/config.json is not a Backpack GPT-2 configuration")
+        _refused(check_config_sizes, config_dict, str(export_dir / "config.json"))
         config = BackpackGPT2Config.from_pretrained(export_dir)
     elif run:
         config = config_from_training_args(run.get("training_args", {}) or {})
@@ -300,8 +328,10 @@ def _load_accelerate_checkpoint(source: Path) -> Checkpoint:
         raise CheckpointError(f"{source} is an Accelerate checkpoint but no config.json or {RUN_FILE} was found "
                               f"to rebuild the model from (searched: {searched})")
 
+    _refused(check_memory, config.to_dict(), f"the configuration of {source}")  # before the model is allocated
     model = BackpackGPT2LMHeadModel(config)
     _load_into(model, state, source)
+    _refused(check_finite_weights, model, [_raw_weights_file(source)], str(source))
     model.eval()
     if export_dir is not None and (export_dir / "generation_config.json").is_file():
         from transformers import GenerationConfig

@@ -23,6 +23,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Mo
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from huggingface_hub.utils import _http as hub_http_module
+from safetensors.torch import load_file, save_file
 
 import hub_upload
 from backpack.tokenizer import gpt2_tokenizer
@@ -236,6 +237,24 @@ def test_accelerate_checkpoint_is_rebuilt_from_the_runs_export(tmp_path):
     assert checkpoint.metrics == {}  # the final export's metrics describe step 200, not these weights
     card = hub_upload.build_model_card(checkpoint, REPO_ID).content
     assert "100 of 200 scheduled" in card and "No evaluation was recorded" in card and "model-index" not in card
+
+
+@pytest.mark.parametrize("broken", ["int64", "nan"])
+def test_a_broken_accelerate_checkpoint_is_refused_naming_file_and_tensor(tmp_path, capsys, broken):
+    run = tmp_path / "run"
+    export_like_trainer(_model(seed=1), run / "model")
+    checkpoint_dir = accelerate_checkpoint(_model(seed=2), run / "checkpoints" / "checkpoint_0", step=100)
+    weights = checkpoint_dir / "model.safetensors"
+    state, name = load_file(weights), "backpack.sense_weight_net.c_attn.weight"
+    if broken == "int64":  # no longer floating point, as a careless edit leaves it: a cast would hide it
+        state[name] = state[name].long()
+    else:
+        state[name][0, 0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    assert hub_upload.main([str(checkpoint_dir), "--repo-id", REPO_ID, "--dry-run"]) == 3
+    err = capsys.readouterr().err
+    expected = "is stored as I64" if broken == "int64" else "holds 1 NaN value(s)"
+    assert f"{checkpoint_dir}" in err and "backpack.sense_weight_net.c_attn.weight" in err and expected in err
 
 
 def test_accelerate_checkpoint_with_only_the_run_json(tmp_path):
