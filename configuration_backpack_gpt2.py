@@ -16,7 +16,11 @@ from typing import Any
 from transformers import AutoConfig, GPT2Config
 
 BACKPACK_MODEL_TYPE = "backpack-gpt2"
-GPT2_END_OF_TEXT = 50256  # GPT-2's <|endoftext|>, its start and end of text
+# GPT-2's vocabulary: 50,257 subwords, the last of them <|endoftext|> (its start and end of text), padded with 7
+# unused rows to 50,264 (a multiple of 8) in the published Backpack.
+GPT2_END_OF_TEXT = 50256
+GPT2_VOCAB_SIZE = 50257
+GPT2_PADDED_VOCAB_SIZE = 50264
 BACKPACK_NAMES = ("BackpackGPT2LMHeadModel", "BackpackGPT2Model", "BackpackGPT2Config", "modeling_backpack_gpt2",
                   "configuration_backpack_gpt2")
 
@@ -45,6 +49,26 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "mini": {"n_embd": 640, "n_layer": 8, "n_head": 8, "n_positions": 512},  # 100M (70M)
     "small": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 512},  # 170M (124M), the published size
 }
+# Sizes for smoke runs and tests only, which no trainer config names: tiny is nano with 2 layers and 2 heads.
+TEST_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {**MODEL_SIZES["nano"], "n_layer": 2, "n_head": 2},
+}
+
+
+def check_shape(n_embd: int, n_head: int, num_senses: int | None = None) -> None:
+    """Refuse a shape whose widths do not split: every attention head (and every sense head) gets
+    `n_embd / n_head` (`n_embd / num_senses`) dimensions. `num_senses=None`: a plain GPT-2, no sense heads.
+
+    Raises:
+        ValueError: naming the width and the divisor that does not divide it.
+    """
+    divisors = (("num_senses", num_senses), ("n_head", n_head)) if num_senses is not None else (("n_head", n_head),)
+    for name, divisor in divisors:
+        if divisor < 1 or n_embd % divisor:
+            raise ValueError(
+                f"n_embd ({n_embd}) must be divisible by {name} ({divisor}): every sense head and every "
+                f"attention head gets n_embd / {name} dimensions."
+            )
 
 
 class BackpackGPT2Config(GPT2Config):
@@ -57,7 +81,7 @@ class BackpackGPT2Config(GPT2Config):
         sense_intermediate_scale (`int`, defaults to 4):
             The sense network's last feed-forward layer maps `n_embd -> sense_intermediate_scale * n_embd ->
             num_senses * n_embd`.
-        vocab_size (`int`, defaults to 50264):
+        vocab_size (`int`, defaults to `GPT2_PADDED_VOCAB_SIZE`, 50264):
             GPT-2's 50,257 subwords padded to a multiple of 8, as published.
         n_positions (`int`, defaults to 512):
             Longest sequence the model can read.
@@ -77,7 +101,7 @@ class BackpackGPT2Config(GPT2Config):
 
     def __init__(
         self,
-        vocab_size: int = 50264,
+        vocab_size: int = GPT2_PADDED_VOCAB_SIZE,
         n_positions: int = 512,
         num_senses: int = 16,
         sense_intermediate_scale: int = 4,
@@ -96,12 +120,7 @@ class BackpackGPT2Config(GPT2Config):
             scale_attn_by_inverse_layer_idx=scale_attn_by_inverse_layer_idx,
             **kwargs,
         )
-        for name, divisor in (("num_senses", self.num_senses), ("n_head", self.n_head)):
-            if divisor < 1 or self.n_embd % divisor:
-                raise ValueError(
-                    f"n_embd ({self.n_embd}) must be divisible by {name} ({divisor}): every sense head and every "
-                    f"attention head gets n_embd / {name} dimensions."
-                )
+        check_shape(self.n_embd, self.n_head, self.num_senses)
         if self.sense_intermediate_scale < 1:
             raise ValueError(f"sense_intermediate_scale must be >= 1, got {self.sense_intermediate_scale}")
         if not self.tie_word_embeddings:
@@ -110,10 +129,12 @@ class BackpackGPT2Config(GPT2Config):
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> "BackpackGPT2Config":
-        """The configuration of a named size of `MODEL_SIZES` (16 senses, GPT-2's vocabulary), `overrides` on top."""
-        if size not in MODEL_SIZES:
-            raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
-        return cls(**{**MODEL_SIZES[size], **overrides})
+        """The configuration of a named size of `MODEL_SIZES` or `TEST_SIZES` (16 senses, GPT-2's padded vocabulary
+        unless overridden), `overrides` (any argument of this class) on top."""
+        sizes = {**MODEL_SIZES, **TEST_SIZES}
+        if size not in sizes:
+            raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(sizes)}")
+        return cls(**{**sizes[size], **overrides})
 
     def contextualization_config(self) -> GPT2Config:
         """The plain GPT-2 of this Backpack's contextualization network: the Transformer it is compared with."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, __version__
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
@@ -50,7 +50,7 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 try:  # As Hub remote code: transformers' loader copies sibling files that are imported relatively.
     from .configuration_backpack_gpt2 import BackpackGPT2Config
@@ -60,13 +60,15 @@ except ImportError:  # As a top-level module installed by setup.py.
 
 SenseWeights = torch.Tensor | Callable[[torch.LongTensor | None, int | torch.Tensor], torch.Tensor]
 
-# transformers 5.24 renamed `past_key_values` to `cache`; speak to the installed GPT-2 in its own words.
-_GPT2_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
+# transformers 5.24 renamed `past_key_values` to `cache` (the floor, 5.4, has the old name): the installed version's
+# name of the cache, as an argument of a model's forward and as a key of its output. Benchmarks and tools that
+# drive GPT-2 and the Backpack alike import it from here.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 
 
 def _expose_legacy_cache_name(output: ModelOutput) -> None:
     """Before transformers 5.24, `generate()` reads the cache from the output's `past_key_values` key."""
-    if _GPT2_CACHE_ARGUMENT == "past_key_values" and output.cache is not None:
+    if CACHE_ARGUMENT == "past_key_values" and output.cache is not None:
         output["past_key_values"] = output.cache
 
 
@@ -533,6 +535,36 @@ def fused_weighted_sense_sum(
     return output.sum(dim=1)
 
 
+def sense_sum(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    senses: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scaling: float,
+    past_length: int | torch.Tensor,
+    materialize: bool,
+    decoding_step: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """o = Σ_ℓ α[ℓ] @ C[ℓ] by the cheapest path that gives what is asked, and α when `materialize`.
+
+    - `materialize` (α is wanted, or the eager implementation is asked for): α formed, then summed;
+    - `decoding_step` (one new token after cached ones): α is small, one matmul over (sense, key) pairs;
+    - otherwise: fused attention with the senses as values, α never formed.
+
+    `allowed=None` means causal from position `past_length` over every key. Shapes: queries (batch, k, query, d/k),
+    keys (batch, k, key, d/k), senses (batch, k, key, d) -> o (batch, query, d), α (batch, k, query, key) or None.
+    """
+    if materialize:
+        if allowed is None:
+            query_positions = past_length + torch.arange(queries.shape[2], device=queries.device)
+            allowed = sense_attention_mask(None, query_positions, keys.shape[2])
+        contextualization = contextualization_weights(queries, keys, allowed, scaling)
+        return weighted_sense_sum(contextualization, senses), contextualization
+    if decoding_step:
+        return decoding_step_sense_sum(queries, keys, senses, allowed, scaling), None
+    return fused_weighted_sense_sum(queries, keys, senses, allowed, scaling), None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
@@ -547,6 +579,11 @@ class TiedEmbedding(nn.Embedding):
 
     def __init__(self, source: nn.Embedding):
         super().__init__(source.num_embeddings, source.embedding_dim, _weight=source.weight)
+
+
+# transformers before 5.15 skips GPT-2's scaled residual initialisation (it compared full parameter names with
+# "c_proj.weight"): the Backpack then applies it to its GPT-2 itself.
+GPT2_SKIPS_SCALED_INIT = tuple(int(part) for part in __version__.split(".")[:2]) < (5, 15)
 
 
 class BackpackGPT2PreTrainedModel(GPT2PreTrainedModel):
@@ -571,11 +608,16 @@ class BackpackGPT2PreTrainedModel(GPT2PreTrainedModel):
         projections of the sense network's two MLPs ~ N(0, initializer_range / sqrt(2·1)), 0.0141 for the default
         0.02, as the paper's code configures its sense ("content") network: one residual layer. The GPT-2
         contextualization network is a transformers model of its own and gets GPT-2's recipe from it (its residual
-        projections scaled by 1/sqrt(2·n_layer)).
+        projections scaled by 1/sqrt(2·n_layer); applied here where transformers' GPT-2 skips that).
         """
         std = self.config.initializer_range
         if isinstance(module, TiedEmbedding):
             return  # its weight is GPT-2's, initialised there
+        if isinstance(module, BackpackGPT2Model) and GPT2_SKIPS_SCALED_INIT:
+            for block in module.gpt2_model.h:
+                for projection in (block.attn.c_proj, block.mlp.c_proj):
+                    init.normal_(projection.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            return
         if isinstance(module, ResidualProjection):
             init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * 1))
             init.zeros_(module.bias)
@@ -846,6 +888,53 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             raise ValueError(f"word_senses must have shape (words, {expected[0]}, {expected[1]}), got "
                              f"{tuple(word_senses.shape)}")
 
+    def _cache_for_call(self, cache: Cache | None, use_cache: bool | None) -> Cache | None:
+        """The cache this call reads and extends: the caller's, a new one, or none (`use_cache` off, or training
+        with gradient checkpointing, whose replay would write the cache twice)."""
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if not use_cache:
+            return None
+        return cache if cache is not None else BackpackDynamicCache(config=self.config)
+
+    def _masks(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Cache | None,
+        past_length: int | torch.Tensor,
+        word_embeddings: torch.Tensor,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+        """Which keys each query may see: `allowed` for the sense sum, and GPT-2's mask (with its arguments).
+
+        A mask is needed for padding, for a static cache's unused slots, for several new tokens after cached ones
+        and for packed rows (several sequences told apart by `position_ids`); otherwise causality from position 0
+        (or one new token seeing every key) says it all, `allowed` is None and the fused kernels run unmasked.
+        GPT-2's attention gets this very mask too, so that both see the same boundaries: built here from shapes
+        (and, for a packed row, its boundaries, read once before anything is cached), it spares GPT-2's own mask
+        builder a device round trip per step.
+
+        Shapes: allowed (batch | 1, 1, query, key) boolean or None; GPT-2's mask as `_contextualization_mask`.
+        """
+        static = isinstance(cache, StaticCache)
+        batch_size, query_length = word_embeddings.shape[:2]
+        sequence_ids = None
+        if attention_mask is None and not static and isinstance(past_length, int) and past_length == 0:
+            sequence_ids = packed_sequence_ids(position_ids, batch_size)
+        key_length = cache.layers[0].max_cache_len if static else past_length + query_length
+        query_positions = past_length + torch.arange(query_length, device=word_embeddings.device)
+        allowed = None
+        if (attention_mask is not None or static or sequence_ids is not None
+                or (cache is not None and past_length > 0 and query_length > 1)):
+            allowed = sense_attention_mask(attention_mask, query_positions, key_length, sequence_ids)
+        if sequence_ids is not None or (attention_mask is not None and attention_mask.dim() == 2):
+            gpt2_mask, kwargs = self._contextualization_mask(
+                allowed, attention_mask, sequence_ids, position_ids, word_embeddings.dtype, kwargs)
+            return allowed, gpt2_mask, kwargs
+        return allowed, attention_mask, kwargs
+
     def _contextualization_mask(
         self,
         allowed: torch.Tensor,
@@ -898,6 +987,7 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             weights = F.pad(weights, (0, key_length - weights.shape[-1]), value=1.0)
         return senses * weights.expand(batch_size, num_senses, key_length)[..., None]
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -939,94 +1029,58 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             output_contextualization: also return α (batch, k, seq, key).
             output_senses: also return the senses of every key position (batch, k, key, d).
             output_attentions, output_hidden_states: GPT-2's attention maps / states (default: the config's).
+            return_dict: False for a tuple instead of the output object (default: the config's), as transformers'
+                `can_return_tuple` reads it.
             sense_index: (batch, seq), with `sense_words` or `word_senses`: run the sense network once per distinct
                 word (training's path; see `compute_senses`). Position j's senses are row `sense_index[j]` of the
                 table `C(sense_words)` (words,) computed in this call, or of `word_senses` (words, k, d) computed
                 earlier with `word_senses()` (one table for several micro-batches). The list's builder checks the
                 token ids on the host, so this call reads none back from the device.
         """
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
-        cache = cache if cache is not None else past_key_values
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # the checkpointed replay would write the cache twice
-        if not use_cache:
-            cache = None
-        elif cache is None:
-            cache = BackpackDynamicCache(config=self.config)
+        cache = self._cache_for_call(cache if cache is not None else past_key_values, use_cache)
         past_length = self._past_length(cache)
         self._check_distinct_words(input_ids, sense_index, sense_words, word_senses)
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, cache,
                            ids_checked=sense_index is not None, position_ids=position_ids)
-        static = isinstance(cache, StaticCache)
-        attention_mask = unpadded_as_none(attention_mask, past_length, static)
-
+        attention_mask = unpadded_as_none(attention_mask, past_length, isinstance(cache, StaticCache))
         word_embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         query_length = word_embeddings.shape[1]
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Left padding: positions count from each row's first real token, as GPT-2 was trained.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+        allowed, gpt2_mask, kwargs = self._masks(attention_mask, position_ids, cache, past_length, word_embeddings,
+                                                 kwargs)
 
         # 1. Senses C(x_j) of the new tokens: (batch, k, seq, d).
         senses = self.compute_senses(input_ids, inputs_embeds, sense_index, sense_words, word_senses)
 
-        # Which keys each query may see. A mask is needed for padding, for a static cache's unused slots, for
-        # several new tokens after cached ones and for packed rows (several sequences told apart by position_ids);
-        # otherwise causality from position 0 (or one new token seeing every key) says it all, and the fused
-        # kernels run unmasked. GPT-2's attention gets this very mask too, so that both see the same boundaries:
-        # built here from shapes (and, for a packed row, its boundaries, read once before anything is cached), it
-        # spares GPT-2's own mask builder a device round trip per step.
-        sequence_ids = None
-        if attention_mask is None and not static and isinstance(past_length, int) and past_length == 0:
-            sequence_ids = packed_sequence_ids(position_ids, word_embeddings.shape[0])
-        key_length = cache.layers[0].max_cache_len if static else past_length + query_length
-        query_positions = past_length + torch.arange(query_length, device=word_embeddings.device)
-        allowed = None
-        if (attention_mask is not None or static or sequence_ids is not None
-                or (cache is not None and past_length > 0 and query_length > 1)):
-            allowed = sense_attention_mask(attention_mask, query_positions, key_length, sequence_ids)
-        contextualization_mask = attention_mask
-        if sequence_ids is not None or (attention_mask is not None and attention_mask.dim() == 2):
-            contextualization_mask, kwargs = self._contextualization_mask(
-                allowed, attention_mask, sequence_ids, position_ids, word_embeddings.dtype, kwargs)
-
         # 2. Contextualization: GPT-2 states -> per-sense queries and keys. GPT-2 gets the embeddings rather than
-        # the ids: the same E x, looked up once, and no padding heuristic that would read token ids back.
+        # the ids: the same E x, looked up once, and no padding heuristic that would read token ids back. Output
+        # flags left unset take the config's defaults in GPT-2's own forward.
+        flags = {name: value for name, value in (("output_attentions", output_attentions),
+                                                  ("output_hidden_states", output_hidden_states)) if value is not None}
         contextual = self.gpt2_model(
             inputs_embeds=word_embeddings,
-            attention_mask=contextualization_mask,
+            attention_mask=gpt2_mask,
             position_ids=position_ids,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            **{_GPT2_CACHE_ARGUMENT: cache},
+            use_cache=cache is not None,
+            **{CACHE_ARGUMENT: cache},
+            **flags,
             **kwargs,
         )
         queries, keys = self.sense_weight_net(contextual.last_hidden_state)
         if cache is not None:
             keys, senses = update_sense_layer(self._sense_layer(cache), keys, senses, past_length)
-        values = senses
-        if sense_weights is not None:
-            values = self._reweight_senses(senses, sense_weights, input_ids, past_length)
+        values = senses if sense_weights is None else self._reweight_senses(senses, sense_weights, input_ids,
+                                                                             past_length)
 
         # 3. Weighted sum o = Σ_ℓ α[ℓ] @ C[ℓ]: fused, unless α itself is wanted.
-        scaling = self.sense_weight_net.scaling
-        contextualization = None
-        if output_contextualization or self.config._attn_implementation == "eager":
-            if allowed is None:
-                allowed = sense_attention_mask(None, query_positions, key_length)
-            contextualization = contextualization_weights(queries, keys, allowed, scaling)
-            hidden_states = weighted_sense_sum(contextualization, values)
-        elif cache is not None and query_length == 1:
-            hidden_states = decoding_step_sense_sum(queries, keys, values, allowed, scaling)
-        else:
-            hidden_states = fused_weighted_sense_sum(queries, keys, values, allowed, scaling)
-
-        output = BackpackGPT2BaseModelOutput(
+        hidden_states, contextualization = sense_sum(
+            queries, keys, values, allowed, self.sense_weight_net.scaling, past_length,
+            materialize=output_contextualization or self.config._attn_implementation == "eager",
+            decoding_step=cache is not None and query_length == 1,
+        )
+        return BackpackGPT2BaseModelOutput(
             last_hidden_state=hidden_states,
             cache=cache,
             hidden_states=contextual.hidden_states,
@@ -1034,7 +1088,6 @@ class BackpackGPT2Model(BackpackGPT2PreTrainedModel):
             contextualization=contextualization if output_contextualization else None,
             senses=senses if output_senses else None,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
@@ -1096,6 +1149,7 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
 
     # --- 4. logits ------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1136,24 +1190,20 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
             output_senses=output_senses,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            return_dict=True,
             sense_index=sense_index,
             sense_words=sense_words,
             word_senses=word_senses,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        # As transformers' GPT-2: 0 keeps every position, n the last n, a tensor the positions it lists.
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices])
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        output = BackpackGPT2LMHeadModelOutput(
+        return BackpackGPT2LMHeadModelOutput(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
@@ -1162,8 +1212,6 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
             contextualization=outputs.contextualization,
             senses=outputs.senses,
         )
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return output if return_dict else output.to_tuple()
 
     # --- sense-level readout and control --------------------------------------------------------------------
 
@@ -1226,6 +1274,7 @@ LORA_TARGET_MODULES = {
 }
 
 __all__ = [
+    "CACHE_ARGUMENT",
     "LORA_TARGET_MODULES",
     "BackpackDynamicCache",
     "BackpackGPT2LMHeadModel",

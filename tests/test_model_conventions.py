@@ -13,7 +13,7 @@ from conftest import TINY_CHECKPOINT, tiny_config, tiny_model
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from modeling_backpack_gpt2 import _GPT2_CACHE_ARGUMENT, BackpackGPT2LMHeadModel, BackpackGPT2Model
+from modeling_backpack_gpt2 import CACHE_ARGUMENT, BackpackGPT2LMHeadModel, BackpackGPT2Model
 
 
 def gpt2_twin(**overrides) -> GPT2LMHeadModel:
@@ -146,8 +146,8 @@ def test_generation_continues_from_a_returned_cache():
     settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     first = model.generate(IDS[:1], max_new_tokens=3, return_dict_in_generate=True, **settings)
     # The cache's name in generate()'s output and arguments: `past_key_values` before transformers 5.24.
-    cache = first[_GPT2_CACHE_ARGUMENT]
-    continued = model.generate(first.sequences, max_new_tokens=3, **{_GPT2_CACHE_ARGUMENT: cache}, **settings)
+    cache = first[CACHE_ARGUMENT]
+    continued = model.generate(first.sequences, max_new_tokens=3, **{CACHE_ARGUMENT: cache}, **settings)
     assert torch.equal(continued, model.generate(IDS[:1], max_new_tokens=6, **settings))
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser
 
-from configuration_backpack_gpt2 import MODEL_SIZES
+from configuration_backpack_gpt2 import GPT2_PADDED_VOCAB_SIZE, MODEL_SIZES, check_shape
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # Most micro-batches one optimizer step may accumulate: far beyond any recipe (the paper's 524,288 tokens are 128
@@ -99,7 +99,8 @@ class TrainArguments:
     n_positions: int | None = None
     num_senses: int = 16
     sense_intermediate_scale: int = 4
-    vocab_size: int = field(default=50264, metadata={"help": "GPT-2's 50,257 subwords padded to a multiple of 8."})
+    vocab_size: int = field(default=GPT2_PADDED_VOCAB_SIZE,
+                            metadata={"help": "GPT-2's 50,257 subwords padded to a multiple of 8."})
     dropout: float = field(default=0.1, metadata={"help": "Embedding, residual and attention dropout."})
     # --- optimisation (the paper's recipe) ---
     max_steps: int = 100_000
@@ -367,10 +368,10 @@ def validate_train_args(args: TrainArguments) -> None:
         raise ConfigError(f"gradient_accumulation_steps {args.gradient_accumulation_steps:,} is more than "
                           f"{MAX_GRADIENT_ACCUMULATION:,} micro-batches per optimizer step",
                           key="gradient_accumulation_steps")
-    if args.model == "backpack" and args.n_embd % args.num_senses:
-        raise ConfigError(f"n_embd ({args.n_embd}) must be divisible by num_senses ({args.num_senses})")
-    if args.n_embd % args.n_head:
-        raise ConfigError(f"n_embd ({args.n_embd}) must be divisible by n_head ({args.n_head})")
+    try:
+        check_shape(args.n_embd, args.n_head, args.num_senses if args.model == "backpack" else None)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def validate_data_args(args: DataArguments) -> None:

@@ -6,22 +6,23 @@ import torch
 from transformers import GPT2LMHeadModel, PretrainedConfig, PreTrainedModel
 
 from backpack_train.config import TrainArguments
-from configuration_backpack_gpt2 import BackpackGPT2Config
+from configuration_backpack_gpt2 import GPT2_END_OF_TEXT, BackpackGPT2Config
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
-GPT2_EOS_TOKEN_ID = 50256  # <|endoftext|>: between documents, and the pad token for generation
+# The run's shape: its named size with every key the run gives (a config file or a flag) on top.
+SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "n_positions", "num_senses", "sense_intermediate_scale", "vocab_size")
 
 
-def model_config(args: TrainArguments, eos_token_id: int = GPT2_EOS_TOKEN_ID) -> PretrainedConfig:
+def model_config(args: TrainArguments, eos_token_id: int = GPT2_END_OF_TEXT) -> PretrainedConfig:
     """The model's configuration; the GPT-2 baseline is exactly the Backpack's contextualization network.
 
-    No pad token in the config: packed blocks have none (EOS separates documents), and a config pad id would make
-    GPT-2 scan every batch for it; `build_model` puts EOS in the generation config, where padding happens.
+    `eos_token_id` (GPT-2's <|endoftext|>) separates documents and starts and ends text. No pad token in the
+    config: packed blocks have none, and a config pad id would make GPT-2 scan every batch for it; `build_model`
+    puts EOS in the generation config, where padding happens.
     """
-    backpack = BackpackGPT2Config(
-        vocab_size=args.vocab_size, n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer,
-        n_head=args.n_head, num_senses=args.num_senses, sense_intermediate_scale=args.sense_intermediate_scale,
-        resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+    shape = {key: getattr(args, key) for key in SHAPE_KEYS if getattr(args, key) is not None}
+    backpack = BackpackGPT2Config.from_size(
+        args.size, **shape, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
         bos_token_id=eos_token_id, eos_token_id=eos_token_id,
     )
     return backpack.contextualization_config() if args.model == "gpt2" else backpack
