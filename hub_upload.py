@@ -27,11 +27,11 @@ holds (``custom_generate/``, a tokenizer ``auto_map``) is named as left as it is
 
 From Python (``train/pretrain.py --push_to_hub`` calls this, on the main process only)::
 
-    from hub_upload import push_checkpoint
+    from backpack_hub import push_checkpoint
     url = push_checkpoint("outputs/nano/model", "me/backpack-nano", private=True)
 
 The work is done by the ``backpack_hub`` package (checkpoint reading, model card, staging, fresh-process validation,
-Hub push and errors, code update); this file is its command line and re-exports its public names.
+Hub push and errors, code update); this file is only its command line.
 
 Exit codes:
     0  pushed or pull request opened (with --dry-run: staged and validated, nothing pushed)
@@ -51,72 +51,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from backpack_hub.card import build_model_card, describe_data, eval_results, measured_validation
-from backpack_hub.checkpoint import Checkpoint, config_from_training_args, load_checkpoint, load_tokenizer
-from backpack_hub.code_update import CODE_UPDATE_MESSAGE, stage_code_update, update_code
-from backpack_hub.errors import (
-    AuthenticationError,
-    CheckpointError,
-    HubUnreachable,
-    HubUploadError,
-    PermissionDenied,
-    RepoMismatch,
-    UsageError,
-    ValidationFailed,
-)
-from backpack_hub.hub import check_token, hub_errors_as_messages, parse_repo_id, push_staging
+from backpack_hub.code_update import update_code
+from backpack_hub.errors import HubUploadError
 from backpack_hub.publish import push_checkpoint
-from backpack_hub.staging import (
-    AUTO_MAP,
-    CODE_MODULES,
-    StagedFile,
-    check_staging_dir,
-    format_file_list,
-    human_size,
-    list_files,
-    stage,
-)
-from backpack_hub.validation import VALIDATION_PROMPT, ValidationReport, reference_batch, validate_staging
-
-__all__ = [
-    "AUTO_MAP",
-    "CODE_MODULES",
-    "CODE_UPDATE_MESSAGE",
-    "VALIDATION_PROMPT",
-    "AuthenticationError",
-    "Checkpoint",
-    "CheckpointError",
-    "HubUnreachable",
-    "HubUploadError",
-    "PermissionDenied",
-    "RepoMismatch",
-    "StagedFile",
-    "UsageError",
-    "ValidationFailed",
-    "ValidationReport",
-    "build_model_card",
-    "build_parser",
-    "check_token",
-    "config_from_training_args",
-    "describe_data",
-    "eval_results",
-    "format_file_list",
-    "hub_errors_as_messages",
-    "human_size",
-    "list_files",
-    "load_checkpoint",
-    "load_tokenizer",
-    "main",
-    "measured_validation",
-    "parse_repo_id",
-    "push_checkpoint",
-    "push_staging",
-    "reference_batch",
-    "stage",
-    "stage_code_update",
-    "update_code",
-    "validate_staging",
-]
+from backpack_hub.staging import check_staging_dir
 
 
 def _shard_size(text: str) -> str | int:

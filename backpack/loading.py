@@ -221,6 +221,12 @@ def estimate_parameters(config: dict) -> int:
     return count
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    """The model's parameters, tied weights counted once (as the paper counts them): ``parameters()`` yields each
+    tensor once."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
 def available_memory() -> int | None:
     """Bytes of memory this machine can still give (``MemAvailable``), or None where that can't be read."""
     try:
@@ -347,7 +353,8 @@ def check_finite_weights(model: torch.nn.Module, files: list[Path], where: str) 
                                  f"({str(tensor.dtype).removeprefix('torch.')}); weights must be finite")
 
 
-def _few(names: list[str], count: int = 5) -> str:
+def few(names: list[str], count: int = 5) -> str:
+    """The first ``count`` names and how many more, for messages (``none`` for no name)."""
     return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "") or "none"
 
 
@@ -361,7 +368,7 @@ def _check_loading_info(info: dict, where: str) -> None:
     unexpected = sorted(key for key in info.get("unexpected_keys") or () if not IGNORED_UNEXPECTED.search(key))
     mismatched = sorted(_describe_mismatch(entry) for entry in info.get("mismatched_keys") or ())
     if missing or unexpected or mismatched:
-        problems = [f"{label} {_few(names)}" for label, names in
+        problems = [f"{label} {few(names)}" for label, names in
                     (("missing", missing), ("wrong shape", mismatched), ("unexpected", unexpected)) if names]
         raise ModelLoadError(f"the weights in {where} do not fit its config.json: {'; '.join(problems)}")
 

@@ -3,7 +3,8 @@
 One concern per module:
 
 * ``errors``: one exception class per cause, each with the command's exit code.
-* ``checkpoint``: reading an exported folder or a trainer checkpoint (through ``backpack.loading``).
+* ``checkpoint``: reading an exported folder or a trainer checkpoint (through ``backpack.loading`` and the
+  checkpoint format of ``backpack.checkpoints``).
 * ``card``: the model card, with a model-index of the run's measured results only.
 * ``staging``: the folder that is exactly what the repo will hold.
 * ``validation``: loading that folder in a fresh process with ``trust_remote_code=True`` and comparing logits.

@@ -13,8 +13,9 @@ import os
 import re
 from pathlib import Path
 
-import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from backpack.loading import count_parameters
 
 from .checkpoint import Checkpoint
 
@@ -144,11 +145,6 @@ def eval_results(checkpoint: Checkpoint, data_name: str, data_id: str | None) ->
         results.append(EvalResult(metric_type="loss", metric_name="Validation loss (nats/token)",
                                   metric_value=round(loss, 4), **common))
     return results
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once, as the paper counts them)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _usage_section(repo_id: str, revision: str | None) -> str:

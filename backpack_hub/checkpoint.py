@@ -9,7 +9,6 @@ manifest is missing or does not match its files (an interrupted save) is refused
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,12 +18,23 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard
 
+from backpack import checkpoints
+from backpack.checkpoints import (
+    CHECKPOINTS_DIR,
+    EXPORT_DIR,
+    MANIFEST_FILE,
+    RUN_FILE,
+    STATE_FILE,
+    config_from_training_args,
+)
 from backpack.loading import (
+    WEIGHT_FILES,
     ModelLoadError,
     check_config_sizes,
     check_finite_weights,
     check_memory,
     check_weight_files,
+    few,
     is_backpack_config,
     load_pretrained_model,
 )
@@ -35,19 +45,11 @@ from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 from .errors import CheckpointError
 
-RUN_FILE = "training_args.json"  # written by train/export.py: {"training_args": {...}, "metrics": {...}}
 CARD_FILE = "README.md"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 
 # Accelerate's ``save_state`` writes these beside the model weights.
 ACCELERATE_MARKERS = ("optimizer.bin", "optimizer.safetensors", "scheduler.bin", "random_states_0.pkl")
-
-# The trainer's own files in a checkpoint folder: the run's position (step, micro_batches, tokens,
-# sequences_per_step), and the manifest it writes last, once everything else is on disk.
-TRAINING_STATE_FILE = "training_state.json"
-MANIFEST_FILE = "checkpoint.json"
-LEGACY_TRAINING_STATE_FILE = "custom_checkpoint_0.pkl"  # older trainers: Accelerate's registered-object pickle
+LEGACY_STATE_FILE = "custom_checkpoint_0.pkl"  # older trainers: Accelerate's registered-object pickle
 
 
 @dataclass
@@ -104,30 +106,16 @@ def _config_candidates(folder: Path) -> list[Path]:
     The trainer keeps ``<output_dir>/checkpoints/checkpoint_<i>/`` with its own export in ``model/`` and the run's
     final export in ``<output_dir>/model``.
     """
-    output_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
-    return [folder, folder / "model", output_dir / "model", output_dir, folder.parent]
+    output_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder.parent
+    return [folder, folder / EXPORT_DIR, output_dir / EXPORT_DIR, output_dir, folder.parent]
 
 
-def config_from_training_args(args: dict) -> BackpackGPT2Config:
-    """The configuration the trainer built from these arguments, by the trainer's own builder (`model_config`)."""
-    from dataclasses import fields
-
-    from backpack_train.config import TrainArguments, apply_size
-    from backpack_train.model import model_config
-
-    if args.get("model", "backpack") != "backpack":
-        raise CheckpointError(f"the run trained model={args.get('model')!r}, not a Backpack; this tool publishes "
-                              "Backpack GPT-2 models")
-    if "size" not in args:  # runs before the size registry recorded their shape key by key
-        missing = [key for key in ("n_embd", "n_layer", "n_head") if key not in args]
-        if missing:
-            raise CheckpointError(f"the run's {RUN_FILE} lacks the model shape ({', '.join(missing)})")
-    known = {field.name for field in fields(TrainArguments)}
-    train_args = TrainArguments(**{key: value for key, value in args.items() if key in known})
-    if "size" not in args:
-        train_args.n_positions = args.get("n_positions", 512)
-    apply_size(train_args)
-    return model_config(train_args)
+def _config_from_run(args: dict) -> BackpackGPT2Config:
+    """The configuration a run trained, from its recorded arguments (a checkpoint without its exported config)."""
+    try:
+        return config_from_training_args(args)
+    except checkpoints.CheckpointError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def _refused(check, *args) -> None:
@@ -180,12 +168,8 @@ def _load_into(model: BackpackGPT2LMHeadModel, state: dict[str, torch.Tensor], w
     missing = [key for key in result.missing_keys if own[key].data_ptr() not in loaded_pointers]
     unexpected = [key for key in result.unexpected_keys if not re.search(r"attn\.(masked_)?bias$", key)]
     if missing or unexpected:
-        raise CheckpointError(f"the weights in {where} do not fit the configuration: missing {_few(missing)}, "
-                              f"unexpected {_few(unexpected)}")
-
-
-def _few(names: list[str], count: int = 5) -> str:
-    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "") or "none"
+        raise CheckpointError(f"the weights in {where} do not fit the configuration: missing {few(missing)}, "
+                              f"unexpected {few(unexpected)}")
 
 
 def _read_training_state(folder: Path) -> dict:
@@ -194,13 +178,12 @@ def _read_training_state(folder: Path) -> dict:
     ``training_state.json`` in the checkpoint folder; checkpoints of older trainers have it in Accelerate's
     ``custom_checkpoint_0.pkl`` instead, read with ``weights_only=True`` (plain data only, no code).
     """
-    path = folder / TRAINING_STATE_FILE
-    if path.is_file():
-        state = read_json(path)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path} is not a JSON object with the run's step and tokens")
-        return state
-    path = folder / LEGACY_TRAINING_STATE_FILE
+    if (folder / STATE_FILE).is_file():
+        try:
+            return checkpoints.read_training_state(folder).state_dict()
+        except checkpoints.CheckpointError as error:
+            raise CheckpointError(str(error)) from error
+    path = folder / LEGACY_STATE_FILE
     if not path.is_file() or (folder / MANIFEST_FILE).is_file():  # a new-format checkpoint never has one to trust
         return {}
     try:
@@ -216,19 +199,11 @@ def _is_new_format_checkpoint(folder: Path) -> bool:
     Also true for a ``checkpoints/checkpoint_<i>`` folder with Accelerate's files but neither record: a save that
     stopped before the trainer wrote its own files (older trainers always wrote custom_checkpoint_0.pkl).
     """
-    if (folder / TRAINING_STATE_FILE).is_file() or (folder / MANIFEST_FILE).is_file():
+    if (folder / STATE_FILE).is_file() or (folder / MANIFEST_FILE).is_file():
         return True
     accelerate = any((folder / name).is_file() for name in ACCELERATE_MARKERS)
-    return (accelerate and folder.parent.name == "checkpoints" and re.fullmatch(r"checkpoint_\d+", folder.name)
-            is not None and not (folder / LEGACY_TRAINING_STATE_FILE).is_file())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return (accelerate and checkpoints.is_checkpoint_folder(folder)
+            and not (folder / LEGACY_STATE_FILE).is_file())
 
 
 def _check_complete(folder: Path) -> None:
@@ -246,17 +221,13 @@ def _check_complete(folder: Path) -> None:
             "last, so the save was interrupted and its files may be partial. Publish an earlier checkpoint or the "
             "run's final export (<output_dir>/model) instead"
         )
-    manifest = read_json(manifest_path)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
-        raise CheckpointError(f"{manifest_path} is not a checkpoint manifest (no \"files\" table)")
-    for relative, entry in sorted(files.items()):
-        path = folder / relative
-        if ".." in Path(relative).parts or not path.is_file():
-            raise CheckpointError(f"{folder} is incomplete: {relative}, listed in its {MANIFEST_FILE}, is missing")
-        if path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
-            raise CheckpointError(f"{folder}: {relative} does not match its size / SHA-256 in {MANIFEST_FILE} "
-                                  "(truncated, corrupted or replaced)")
+    try:
+        checkpoints.check_listed_files(folder, checkpoints.read_manifest(folder))
+    except checkpoints.FileMismatch as error:
+        raise CheckpointError(f"{folder}: {error.relative} does not match its size / SHA-256 in {MANIFEST_FILE} "
+                              "(missing, truncated, corrupted or replaced)") from error
+    except checkpoints.CheckpointError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def _find_card(*folders: Path | None) -> ModelCard | None:
@@ -322,7 +293,7 @@ def _load_accelerate_checkpoint(source: Path) -> Checkpoint:
         _refused(check_config_sizes, config_dict, str(export_dir / "config.json"))
         config = BackpackGPT2Config.from_pretrained(export_dir)
     elif run:
-        config = config_from_training_args(run.get("training_args", {}) or {})
+        config = _config_from_run(run.get("training_args", {}) or {})
     else:
         searched = ", ".join(str(c) for c in dict.fromkeys(candidates))
         raise CheckpointError(f"{source} is an Accelerate checkpoint but no config.json or {RUN_FILE} was found "

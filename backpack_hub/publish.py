@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from .card import count_parameters
+from backpack.loading import count_parameters
+
 from .checkpoint import Checkpoint, load_checkpoint, load_tokenizer
 from .errors import ValidationFailed
 from .hub import check_token, hub_api, parse_repo_id, push_staging

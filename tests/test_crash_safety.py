@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from forked_trainer import TINY, ForkedTrainer
 
-from backpack_train.checkpointing import checkpoint_dirs, read_training_state, verify_checkpoint
+from backpack.checkpoints import checkpoint_dirs, read_training_state, verify_checkpoint
 
 # Dropout on (the generator states matter), a checkpoint after every step, one kept. The schedule is 1,000 steps,
 # cut with --stop_at_step (which keeps the schedule).
@@ -254,3 +254,33 @@ def test_fault_specs_are_checked():
     for bad in ("optimizer.bin", "explode@after:save", "while:save", "after:save#x"):
         with pytest.raises(ValueError, match="BACKPACK_FAULT: cannot read"):
             parse(bad)
+
+
+def test_the_file_module_reports_every_write_rename_and_removal_to_its_fault_hook(tmp_path):
+    """The one boundary faults are injected at: each point of a crash-safe write, rename and removal reaches the
+    hook, and faults.py names a file by its place in the checkpoint or the export being written."""
+    from backpack import files
+    from backpack_train.faults import target_of
+
+    seen = []
+    (tmp_path / "checkpoints").mkdir()
+    files.set_fault_hook(lambda operation, when, path, written: seen.append((operation, when, path, written)))
+    try:
+        temporary = files.make_hidden_folder(str(tmp_path / "checkpoints" / "checkpoint_0"))
+        files.write_json_atomically(os.path.join(temporary, "training_state.json"), {"step": 1})
+        files.rename_into_place(temporary, str(tmp_path / "checkpoints" / "checkpoint_0"))
+        files.remove_tree(str(tmp_path / "checkpoints" / "checkpoint_0"))
+    finally:
+        files.set_fault_hook(None)
+    state = os.path.join(temporary, "training_state.json")
+    assert [entry[:3] for entry in seen] == [
+        ("create", "before", temporary), ("write", "before", state), ("write", "during", state),
+        ("write", "after", state), ("rename", "before", str(tmp_path / "checkpoints" / "checkpoint_0")),
+        ("rename", "after", str(tmp_path / "checkpoints" / "checkpoint_0")),
+        ("remove", "before", str(tmp_path / "checkpoints" / "checkpoint_0")),
+        ("remove", "during", str(tmp_path / "checkpoints" / "checkpoint_0"))]
+    assert seen[2][3].endswith(".tmp") and not os.path.exists(seen[2][3])  # "during": the data before its rename
+    assert target_of(state) == "training_state.json"
+    assert target_of(os.path.join(temporary, "model", "model.safetensors")) == "model/model.safetensors"
+    assert target_of(str(tmp_path / ".model.tmp-1f-42" / "config.json")) == "export/config.json"
+    assert target_of(str(tmp_path / "log_history.jsonl")) is None

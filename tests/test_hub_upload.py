@@ -28,6 +28,13 @@ from safetensors.torch import load_file, save_file
 import hub_upload
 from backpack.tokenizer import gpt2_tokenizer
 from backpack_hub import code_update, hub, publish
+from backpack_hub.card import build_model_card
+from backpack_hub.checkpoint import load_checkpoint
+from backpack_hub.code_update import CODE_UPDATE_MESSAGE
+from backpack_hub.errors import CheckpointError, ValidationFailed
+from backpack_hub.publish import push_checkpoint
+from backpack_hub.staging import AUTO_MAP, CODE_MODULES, human_size, stage
+from backpack_hub.validation import VALIDATION_PROMPT, ValidationReport, reference_batch, validate_staging
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 REPO_ID = "someone/backpack-tiny"
@@ -95,7 +102,7 @@ def test_dry_run_stages_exactly_the_repo_files_and_lists_them_with_sizes(dry_run
     assert files == MODEL_FILES | {"model.safetensors"}  # the run's training_args.json stays local
     listing = output[output.index("[4/4]"):]
     for name in files:
-        size = hub_upload.human_size((staging / name).stat().st_size)
+        size = human_size((staging / name).stat().st_size)
         assert any(line.split() == [name, *size.split()] for line in listing.splitlines()), (name, size, listing)
     assert f"{len(files)} files" in listing
 
@@ -106,12 +113,12 @@ def test_staging_loads_with_remote_code_in_a_fresh_process_with_equal_logits_and
     line = next(line for line in output.splitlines() if line.strip().startswith("ok in"))
     assert "loaded as transformers_modules." in line  # the folder's own code, not the installed module
     assert "logits identical to the checkpoint's (max |diff| 0.0e+00)" in line
-    assert f"pipeline: '{hub_upload.VALIDATION_PROMPT}" in line
+    assert f"pipeline: '{VALIDATION_PROMPT}" in line
 
 
 def test_staged_code_is_the_installed_package_and_config_points_at_it(dry_run, export):
     _, _, staging = dry_run
-    for module in hub_upload.CODE_MODULES:
+    for module in CODE_MODULES:
         name = Path(module.__file__).name
         assert (staging / name).read_bytes() == Path(module.__file__).read_bytes()
     config = json.loads((staging / "config.json").read_text())
@@ -154,8 +161,8 @@ def test_existing_card_keeps_its_text_and_gets_its_metadata_updated(export, tmp_
         (folder / path.name).parent.mkdir(exist_ok=True)
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "README.md").write_text("---\nlicense: mit\ntags:\n- mine\n---\n\n# My notes\n\nHand-written.\n")
-    checkpoint = hub_upload.load_checkpoint(folder)
-    card = hub_upload.build_model_card(checkpoint, REPO_ID)
+    checkpoint = load_checkpoint(folder)
+    card = build_model_card(checkpoint, REPO_ID)
     card.save(tmp_path / "README.md")
     reloaded = ModelCard.load(tmp_path / "README.md")
     assert "# My notes\n\nHand-written." in reloaded.text and "## Training details" not in reloaded.text
@@ -166,8 +173,8 @@ def test_existing_card_keeps_its_text_and_gets_its_metadata_updated(export, tmp_
 
 
 def test_sharding_above_the_limit_writes_an_index_that_loads(export, tmp_path):
-    checkpoint = hub_upload.load_checkpoint(export)
-    files = hub_upload.stage(checkpoint, tmp_path / "staging", REPO_ID, max_shard_size="2MB")
+    checkpoint = load_checkpoint(export)
+    files = stage(checkpoint, tmp_path / "staging", REPO_ID, max_shard_size="2MB")
     names = {f.path for f in files}
     shards = sorted(n for n in names if n.startswith("model-") and n.endswith(".safetensors"))
     assert len(shards) >= 2 and "model.safetensors" not in names
@@ -230,12 +237,12 @@ def test_accelerate_checkpoint_is_rebuilt_from_the_runs_export(tmp_path):
     trained = _model(seed=2)
     checkpoint_dir = accelerate_checkpoint(trained, run / "checkpoints" / "checkpoint_0", step=100)
     assert "config.json" not in {p.name for p in checkpoint_dir.iterdir()}
-    checkpoint = hub_upload.load_checkpoint(checkpoint_dir)
+    checkpoint = load_checkpoint(checkpoint_dir)
     assert checkpoint.kind == "accelerate" and checkpoint.export_dir == run / "model"
     assert torch.equal(_logits(checkpoint.model), _logits(trained))
     assert checkpoint.step == 100 and checkpoint.tokens == 409_600
     assert checkpoint.metrics == {}  # the final export's metrics describe step 200, not these weights
-    card = hub_upload.build_model_card(checkpoint, REPO_ID).content
+    card = build_model_card(checkpoint, REPO_ID).content
     assert "100 of 200 scheduled" in card and "No evaluation was recorded" in card and "model-index" not in card
 
 
@@ -264,7 +271,7 @@ def test_accelerate_checkpoint_with_only_the_run_json(tmp_path):
     (checkpoint_dir / "model").mkdir()
     (checkpoint_dir / "model" / "training_args.json").write_text(
         json.dumps({"training_args": RUN_ARGS, "metrics": RUN_METRICS}))
-    checkpoint = hub_upload.load_checkpoint(checkpoint_dir)
+    checkpoint = load_checkpoint(checkpoint_dir)
     assert checkpoint.export_dir is None and checkpoint.model.config.num_senses == 4
     assert torch.equal(_logits(checkpoint.model), _logits(trained))
     assert checkpoint.metrics["val_perplexity"] == pytest.approx(544.93)  # exported with these weights
@@ -273,8 +280,8 @@ def test_accelerate_checkpoint_with_only_the_run_json(tmp_path):
 
 def test_accelerate_checkpoint_without_any_configuration_names_what_is_missing(tmp_path):
     checkpoint_dir = accelerate_checkpoint(_model(), tmp_path / "run" / "checkpoints" / "checkpoint_0", step=1)
-    with pytest.raises(hub_upload.CheckpointError, match="no config.json or training_args.json") as error:
-        hub_upload.load_checkpoint(checkpoint_dir)
+    with pytest.raises(CheckpointError, match="no config.json or training_args.json") as error:
+        load_checkpoint(checkpoint_dir)
     assert str(checkpoint_dir / "model") in str(error.value)
     assert hub_upload.main([str(checkpoint_dir), "--repo-id", REPO_ID, "--dry-run"]) == 3
 
@@ -310,12 +317,12 @@ def test_trainer_checkpoint_reads_its_position_from_training_state_json(tmp_path
     folder = trainer_checkpoint(trained, tmp_path / "run" / "checkpoints" / "checkpoint_3", step=150)
     # A pickle dropped in later is never read: the position comes from the JSON only.
     torch.save({"step": 999, "tokens": 1}, folder / "custom_checkpoint_0.pkl")
-    checkpoint = hub_upload.load_checkpoint(folder)
+    checkpoint = load_checkpoint(folder)
     assert checkpoint.kind == "accelerate" and checkpoint.export_dir == folder / "model"
     assert (checkpoint.step, checkpoint.tokens) == (150, 150 * 4096)
     assert torch.equal(_logits(checkpoint.model), _logits(trained))
     assert checkpoint.metrics["val_perplexity"] == pytest.approx(544.93)  # exported with these weights
-    exported = hub_upload.load_checkpoint(folder / "model")  # its export, through the package's loader
+    exported = load_checkpoint(folder / "model")  # its export, through the package's loader
     assert exported.kind == "export" and torch.equal(_logits(exported.model), _logits(trained))
 
 
@@ -333,8 +340,8 @@ def test_trainer_checkpoint_with_a_file_that_does_not_match_its_manifest_is_refu
     folder = trainer_checkpoint(_model(), tmp_path / "run" / "checkpoints" / "checkpoint_0", step=10)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
-    with pytest.raises(hub_upload.CheckpointError, match="model.safetensors does not match its size / SHA-256"):
-        hub_upload.load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its size / SHA-256"):
+        load_checkpoint(folder)
 
 
 def test_checkpoint_with_only_accelerate_files_in_a_checkpoints_folder_is_refused_as_incomplete(tmp_path):
@@ -346,8 +353,8 @@ def test_checkpoint_with_only_accelerate_files_in_a_checkpoints_folder_is_refuse
     checkpointing.save_accelerator_state(str(folder), [model.state_dict()],
                                          [torch.optim.AdamW(model.parameters())], [], [], 0, 1)
     (folder / "random_states_0.pkl").unlink()  # stopped before the trainer's own files were written
-    with pytest.raises(hub_upload.CheckpointError, match="incomplete trainer checkpoint"):
-        hub_upload.load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="incomplete trainer checkpoint"):
+        load_checkpoint(folder)
 
 
 # --- honest metrics in the card ----------------------------------------------------------------------------------
@@ -362,8 +369,8 @@ ZERO_TOKEN_VALIDATION = dict(RUN_METRICS, start_val_loss=0.0, start_val_perplexi
 ], ids=["token count", "signature"])
 def test_validation_on_zero_tokens_gives_no_model_index_and_no_perplexity(tmp_path, metrics):
     folder = export_like_trainer(_model(), tmp_path / "model", metrics=metrics)
-    checkpoint = hub_upload.load_checkpoint(folder)
-    card = hub_upload.build_model_card(checkpoint, REPO_ID)
+    checkpoint = load_checkpoint(folder)
+    card = build_model_card(checkpoint, REPO_ID)
     assert not card.data.eval_results and "model-index" not in card.content
     assert "perplexity" not in (card.data.metrics or [])
     evaluation = card.text[card.text.index("## Evaluation"):card.text.index("## Limitations")]
@@ -383,7 +390,7 @@ def test_recorded_fields_are_shown_as_text_and_a_quoted_revision_stays_inside_it
     record["metrics"].update(stopped_by=hostile, hardware="<script>alert(1)</script>\n| injected | row |")
     (folder / "training_args.json").write_text(json.dumps(record))
     revision = 'step-1", trust_remote_code=True); import os; os.system("x") #```'
-    text = hub_upload.build_model_card(hub_upload.load_checkpoint(folder), REPO_ID, revision=revision).text
+    text = build_model_card(load_checkpoint(folder), REPO_ID, revision=revision).text
     for raw in ("<img", "<script", "<b>", "<i>", "](https://evil", "| injected | row |"):
         assert raw not in text, raw
     assert "&lt;img src=x onerror=" in text and "&lt;script&gt;alert\\(1\\)&lt;/script&gt;" in text
@@ -399,26 +406,26 @@ def test_recorded_fields_are_shown_as_text_and_a_quoted_revision_stays_inside_it
 
 def test_a_run_without_any_validation_metric_gives_no_model_index(tmp_path):
     metrics = {key: value for key, value in RUN_METRICS.items() if "val_" not in key}
-    checkpoint = hub_upload.load_checkpoint(export_like_trainer(_model(), tmp_path / "model", metrics=metrics))
-    card = hub_upload.build_model_card(checkpoint, REPO_ID)
+    checkpoint = load_checkpoint(export_like_trainer(_model(), tmp_path / "model", metrics=metrics))
+    card = build_model_card(checkpoint, REPO_ID)
     assert not card.data.eval_results and "model-index" not in card.content and "perplexity |" in card.text
     assert "| validation" not in card.text
 
 
 def test_measured_validation_is_reported_even_when_its_count_is_recorded(tmp_path):
     metrics = dict(RUN_METRICS, val_tokens=20_480, start_val_tokens=20_480)
-    checkpoint = hub_upload.load_checkpoint(export_like_trainer(_model(), tmp_path / "model", metrics=metrics))
-    card = hub_upload.build_model_card(checkpoint, REPO_ID)
+    checkpoint = load_checkpoint(export_like_trainer(_model(), tmp_path / "model", metrics=metrics))
+    card = build_model_card(checkpoint, REPO_ID)
     assert card.data.eval_results[0].metric_value == pytest.approx(544.93)
 
 
 def test_an_existing_cards_results_are_dropped_when_the_run_measured_zero_tokens(tmp_path):
     folder = export_like_trainer(_model(), tmp_path / "model", metrics=dict(ZERO_TOKEN_VALIDATION, val_tokens=0))
-    old = hub_upload.build_model_card(hub_upload.load_checkpoint(export_like_trainer(
+    old = build_model_card(load_checkpoint(export_like_trainer(
         _model(), tmp_path / "before" / "model")), REPO_ID)
     assert old.data.eval_results  # the earlier push had measured results
     old.save(folder / "README.md")
-    card = hub_upload.build_model_card(hub_upload.load_checkpoint(folder), REPO_ID)
+    card = build_model_card(load_checkpoint(folder), REPO_ID)
     assert not card.data.eval_results and "model-index" not in card.content
 
 
@@ -523,7 +530,7 @@ def test_push_to_main_public_by_default_and_returns_the_commit_url(export, monke
     hub = FakeHub().install(monkeypatch)
     monkeypatch.setattr(publish, "validate_staging", _passing_validation)
     lines: list[str] = []
-    url = hub_upload.push_checkpoint(export, f"https://huggingface.co/{REPO_ID}", token="hf_test", log=lines.append)
+    url = push_checkpoint(export, f"https://huggingface.co/{REPO_ID}", token="hf_test", log=lines.append)
     assert url == f"https://huggingface.co/{REPO_ID}/commit/abc123"
     assert hub.names() == ["whoami", "create_repo", "list_repo_files", "create_commit"]  # no branch, no visibility
     calls = dict(hub.calls)
@@ -536,7 +543,7 @@ def test_push_to_main_public_by_default_and_returns_the_commit_url(export, monke
 
 def test_failed_validation_pushes_nothing(export, monkeypatch, capsys):
     hub = FakeHub().install(monkeypatch)
-    real_reference = hub_upload.reference_batch
+    real_reference = reference_batch
 
     def wrong_reference(model, tokenizer):  # as if the staged folder computed something else than the checkpoint
         reference = real_reference(model, tokenizer)
@@ -590,7 +597,7 @@ def _must_not_run(*args, **kwargs):
 
 
 def _passing_validation(staging, reference, **kwargs):
-    return hub_upload.ValidationReport("transformers_modules.x.BackpackGPT2LMHeadModel", True, 0.0, "p", "p q", 0.0)
+    return ValidationReport("transformers_modules.x.BackpackGPT2LMHeadModel", True, 0.0, "p", "p q", 0.0)
 
 
 @pytest.fixture
@@ -699,7 +706,7 @@ def published(tmp_path_factory) -> dict:
 
 
 def _installed_code() -> dict[str, bytes]:
-    return {Path(module.__file__).name: Path(module.__file__).read_bytes() for module in hub_upload.CODE_MODULES}
+    return {Path(module.__file__).name: Path(module.__file__).read_bytes() for module in CODE_MODULES}
 
 
 def planted_code(marker: Path, name: str) -> bytes:
@@ -770,15 +777,15 @@ def test_validation_refuses_a_folder_with_code_other_than_the_installed_files_be
 
     staging = tmp_path / "staging"
     staging.mkdir()
-    (staging / "config.json").write_text(json.dumps({"auto_map": hub_upload.AUTO_MAP}))
+    (staging / "config.json").write_text(json.dumps({"auto_map": AUTO_MAP}))
     for name, data in _installed_code().items():
         (staging / name).write_bytes(data)
     check_only_installed_code(staging)  # the clean folder passes
     (staging / "custom_generate").mkdir()
     (staging / "custom_generate" / "generate.py").write_text("raise SystemExit('ran')\n")
     (staging / "modeling_backpack_gpt2.py").write_text("raise SystemExit('ran')\n")
-    with pytest.raises(hub_upload.ValidationFailed, match="custom_generate/ .*modeling_backpack_gpt2.py"):
-        hub_upload.validate_staging(staging, {})
+    with pytest.raises(ValidationFailed, match="custom_generate/ .*modeling_backpack_gpt2.py"):
+        validate_staging(staging, {})
 
 
 def test_a_staged_tokenizer_carries_no_auto_map(tmp_path):
@@ -815,14 +822,14 @@ def test_update_code_opens_one_pull_request_with_only_the_changed_files(publishe
     [commit] = hub.commits
     assert commit["repo_id"] == repo_id and commit["create_pr"] is True and commit["token"] == "hf_test"
     assert commit["parent_commit"] == snapshot.name and commit.get("revision") is None
-    assert commit["commit_message"] == hub_upload.CODE_UPDATE_MESSAGE
+    assert commit["commit_message"] == CODE_UPDATE_MESSAGE
     assert "all_tied_weights_keys" in commit["commit_description"] and "weights are untouched" in \
         commit["commit_description"]
     assert commit["deleted"] == []
     expected = _installed_code()
     if auto_map == "missing":
         config = json.loads(commit["added"].pop("config.json"))
-        assert config["auto_map"] == hub_upload.AUTO_MAP and config["architectures"] == ["BackpackGPT2LMHeadModel"]
+        assert config["auto_map"] == AUTO_MAP and config["architectures"] == ["BackpackGPT2LMHeadModel"]
         original = json.loads((snapshot / "config.json").read_text())
         assert {k: v for k, v in config.items() if k != "auto_map"} == original  # nothing else changed
     assert commit["added"] == expected  # the two code files; never the weights
@@ -832,7 +839,7 @@ def test_update_code_opens_one_pull_request_with_only_the_changed_files(publishe
 
 def test_update_code_with_failed_validation_opens_no_pull_request(published, monkeypatch, capsys):
     hub = FakeHub(snapshot=published["snapshot"]).install(monkeypatch)
-    real_reference = hub_upload.reference_batch
+    real_reference = reference_batch
 
     def wrong_reference(model, tokenizer):  # as if the new code computed something else than the installed classes
         reference = real_reference(model, tokenizer)
@@ -918,7 +925,7 @@ def test_update_code_http_sends_one_pull_request_commit_of_the_code_files(publis
     assert commit.headers["authorization"] == "Bearer hf_test"
     lines = [json.loads(line) for line in commit.content.decode().splitlines()]
     header = lines[0]
-    assert header["key"] == "header" and header["value"]["summary"] == hub_upload.CODE_UPDATE_MESSAGE
+    assert header["key"] == "header" and header["value"]["summary"] == CODE_UPDATE_MESSAGE
     assert header["value"]["parentCommit"] == published["snapshot"].name
     sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:]
             if line["key"] == "file"}

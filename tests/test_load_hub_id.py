@@ -93,10 +93,10 @@ def demo():
 def hub_upload_reader():
     from huggingface_hub import snapshot_download
 
-    import hub_upload
+    from backpack_hub.checkpoint import load_checkpoint
 
     folder = snapshot_download(repo_id)  # offline: the cached snapshot
-    checkpoint = hub_upload.load_checkpoint(folder)  # its tokenizer check refuses GPT-2's for a 512-word model
+    checkpoint = load_checkpoint(folder)  # its tokenizer check refuses GPT-2's for a 512-word model
     return {"kind": checkpoint.kind, **describe(checkpoint.model)}
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from backpack.checkpoints import config_from_training_args
 from backpack.corpora import wikipedia_articles
 from backpack.tokenizer import gpt2_tokenizer
 from backpack_bench.configs import backpack_config, gpt2_config
 from backpack_bench.data import token_stream
-from backpack_hub.checkpoint import config_from_training_args
 from backpack_train.config import DataArguments, TrainArguments, as_dict, available_configs, parse_args
 from backpack_train.data import embedded_documents
 from backpack_train.model import model_config
@@ -90,7 +90,7 @@ def test_trainer_configs_benchmark_and_hub_read_one_registry_of_sizes(size):
     backpack, gpt2 = backpack_config(size, MODEL_SIZES[size]["n_positions"]), gpt2_config(size)
     assert {key: getattr(backpack, key) for key in SHAPE_KEYS} == MODEL_SIZES[size]
     assert (gpt2.n_embd, gpt2.n_layer, gpt2.n_head) == (backpack.n_embd, backpack.n_layer, backpack.n_head)
-    # hub_upload rebuilds a run's model from its training_args.json with the trainer's own builder.
+    # The hub tool rebuilds a run's model from its training_args.json (no export beside it) as the trainer does.
     assert config_from_training_args(as_dict(args)).to_dict() == config.to_dict()
 
 
@@ -99,6 +99,81 @@ def test_benchmark_times_the_text_training_sees():
     assert embedded_documents()[0]["text"] == first_article
     expected = gpt2_tokenizer(model_max_length=10**9)(first_article + "\n\n")["input_ids"][:500]
     assert token_stream("wiki", 500, vocab_size=50264).tolist() == expected
+
+
+# --- import graph -------------------------------------------------------------------------------------------------
+
+# Folder -> installed package; layers from the bottom: a module imports only from its own layer or those below.
+PACKAGE_FOLDERS = {"backpack": "backpack", "backpack_hub": "backpack_hub", "train": "backpack_train",
+                   "bench": "backpack_bench", "demo": "backpack_demo"}
+TOP_LEVEL_MODULES = ("configuration_backpack_gpt2", "modeling_backpack_gpt2", "hub_upload")
+LAYERS = {"configuration_backpack_gpt2": 0, "modeling_backpack_gpt2": 0, "backpack": 1, "backpack_hub": 2,
+          "hub_upload": 3, "backpack_train": 3, "backpack_bench": 4, "backpack_demo": 4}
+COMMAND_LINES = {"hub_upload", "backpack_train.pretrain", "backpack.cli", "backpack.__main__"}
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the project by its installed name."""
+    modules = {name: REPO / f"{name}.py" for name in TOP_LEVEL_MODULES}
+    for folder, package in PACKAGE_FOLDERS.items():
+        for path in sorted((REPO / folder).glob("*.py")):
+            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return modules
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its file (in functions too: a lazy import is one)."""
+    import ast
+
+    modules = project_modules()
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.stem == "__init__" else name.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{parent}.{base}" if base else parent
+                # `from package import module` imports the module; `from module import name` the module
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
+            else:
+                continue
+            imported |= {target for target in targets if target in modules and target != name}
+        graph[name] = imported
+    return graph
+
+
+def test_import_graph_has_no_cycle_and_runs_down_the_layers():
+    """Model files <- backpack (toolkit) <- backpack_hub <- backpack_train (and hub_upload.py) <- bench, demo; no
+    module imports a command line; no cycle of modules, counting imports inside functions."""
+    graph = import_graph()
+    assert "backpack.checkpoints" in graph["backpack_hub.checkpoint"] and "hub_upload" not in graph[
+        "backpack_train.loop"]  # the graph sees function-level imports
+    for module, imported in graph.items():
+        for target in imported:
+            above = LAYERS[target.split(".")[0]] > LAYERS[module.split(".")[0]]
+            assert not above, f"{module} imports {target}, a layer above it"
+            if module not in COMMAND_LINES:
+                assert target not in COMMAND_LINES, f"{module} imports the command line {target}"
+    # Depth-first search for a cycle; the path found is the message.
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            assert state.get(target) != 1, "import cycle: " + " -> ".join(path[path.index(target):] + [target])
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
 
 
 # --- documented commands ------------------------------------------------------------------------------------------

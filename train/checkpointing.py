@@ -1,5 +1,8 @@
 """Checkpoints that survive any crash: written out of sight, verified, renamed into place, pruned only afterwards.
 
+This module writes checkpoints and resumes from them; their format is read by ``backpack.checkpoints``, which the
+Hub tool shares, and every file goes through the crash-safe writes of ``backpack.files``.
+
 A checkpoint is the folder ``<output_dir>/checkpoints/checkpoint_<i>`` (``i`` counts saves: 0, 1, 2 ...; the step
 is in its ``training_state.json``). It holds
 
@@ -32,18 +35,32 @@ import re
 import shutil
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Protocol
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from backpack_train import faults
-from backpack_train.atomic import (
+from backpack.checkpoints import (
+    CHECKPOINT_NAME,
+    EXPORT_DIR,
+    FORMAT,
+    MANIFEST_FILE,
+    STATE_FILE,
+    CheckpointError,
+    TrainingState,
+    checkpoint_dirs,
+    checkpoints_root,
+    newest_complete,
+    read_manifest,
+    relative_files,
+    verify_checkpoint,
+)
+from backpack.files import (
     describe_os_error,
     file_sha256,
     fsync_tree,
-    hidden_sibling,
+    make_hidden_folder,
     reason_for_write_failure,
     remove_tree,
     rename_into_place,
@@ -51,50 +68,8 @@ from backpack_train.atomic import (
 )
 from backpack_train.rng import load_rng_state, rng_file_name, save_rng_state
 
-CHECKPOINTS_DIR = "checkpoints"
-MANIFEST_FILE = "checkpoint.json"
-STATE_FILE = "training_state.json"
-EXPORT_DIR = "model"
-FORMAT = 1
-_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)")
 _HIDDEN_NAME = re.compile(r"\.checkpoint_(\d+)\.(?:tmp|deleting)-.+")  # an interrupted save or removal
 _ACCELERATE_RNG_FILE = re.compile(r"random_states_\d+\.pkl")
-
-
-class CheckpointError(Exception):
-    """A checkpoint is incomplete, corrupt or not this trainer's, or a save failed; the message says which."""
-
-
-@dataclass
-class TrainingState:
-    """Where the run is, in global units: optimizer steps done, sequences of the data order read (all processes
-    together), tokens seen, and the global batch (sequences per step) of the last step."""
-
-    step: int = 0
-    sequences: int = 0
-    tokens: int = 0
-    sequences_per_step: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str) -> TrainingState:
-        """Read the JSON of ``training_state.json``, checking that every key is a non-negative integer.
-
-        Files of earlier trainers count ``micro_batches`` of one process instead of ``sequences``; their position
-        is ``step x sequences_per_step`` (every step of such a run had that size).
-        """
-        if isinstance(values, dict) and "sequences" not in values and "micro_batches" in values:
-            step, per_step = values.get("step"), values.get("sequences_per_step")
-            if isinstance(step, int) and isinstance(per_step, int):
-                values = {**values, "sequences": step * per_step}
-        names = [field.name for field in fields(cls)]
-        if not isinstance(values, dict) or any(
-                not isinstance(values.get(name), int) or isinstance(values.get(name), bool) or values[name] < 0
-                for name in names):
-            raise CheckpointError(f"{where} must hold non-negative integers {', '.join(names)}; found {values!r}")
-        return cls(**{name: values[name] for name in names})
 
 
 class SavesItself(Protocol):
@@ -114,130 +89,6 @@ class ResumePoint:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
-
-
-def checkpoints_root(output_dir: str) -> str:
-    return os.path.join(output_dir, CHECKPOINTS_DIR)
-
-
-def checkpoint_index(path: str) -> int | None:
-    """The ``i`` of a ``checkpoint_<i>`` folder (None for any other name)."""
-    match = _CHECKPOINT_NAME.fullmatch(os.path.basename(os.path.normpath(path)))
-    return int(match.group(1)) if match else None
-
-
-def checkpoint_dirs(output_dir: str) -> list[str]:
-    """The run's ``checkpoint_<i>`` folders, complete or not, oldest (lowest ``i``) first; other names ignored."""
-    root = checkpoints_root(output_dir)
-    if not os.path.isdir(root):
-        return []
-    found = [(index, os.path.join(root, name)) for name in os.listdir(root)
-             if (index := checkpoint_index(name)) is not None]
-    return [path for _, path in sorted(found) if os.path.isdir(path)]
-
-
-def _relative_files(folder: str) -> set[str]:
-    """Every file under ``folder``, as ``/``-separated paths relative to it."""
-    files = set()
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            files.add(os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/"))
-    return files
-
-
-def _few(names: list[str], count: int = 4) -> str:
-    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
-
-
-def read_manifest(path: str) -> dict:
-    """The manifest of a checkpoint folder, checked for shape only (no file is read)."""
-    manifest_path = os.path.join(path, MANIFEST_FILE)
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"{path} is incomplete: it has no {MANIFEST_FILE}, which a save writes last")
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: unreadable {MANIFEST_FILE} ({error})") from error
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if (not isinstance(files, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("step"), int)
-            or not all(isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
-                       and isinstance(entry.get("sha256"), str) for entry in files.values())):
-        raise CheckpointError(f"{path}: {MANIFEST_FILE} is not a format-{FORMAT} checkpoint manifest")
-    for relative in files:
-        parts = relative.split("/")
-        if relative.startswith("/") or ".." in parts or "" in parts:
-            raise CheckpointError(f"{path}: {MANIFEST_FILE} lists a path outside the checkpoint: {relative!r}")
-    return manifest
-
-
-def read_training_state(path: str) -> TrainingState:
-    """The run's position stored in a checkpoint (``training_state.json``)."""
-    state_path = os.path.join(path, STATE_FILE)
-    try:
-        with open(state_path, encoding="utf-8") as handle:
-            values = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({error})") from error
-    return TrainingState.from_dict(values, state_path)
-
-
-def verify_checkpoint(path: str) -> TrainingState:
-    """Check that a checkpoint is complete and intact; returns its training state.
-
-    Complete: the manifest exists and lists the training state and the export. Intact: every listed file has its
-    size and SHA-256, and no other file is there (a file added later is not what the save wrote, and loading it
-    may run code: Accelerate unpickles ``custom_checkpoint_*.pkl``).
-
-    Raises:
-        CheckpointError: naming the checkpoint and the first problem found.
-    """
-    manifest = read_manifest(path)
-    files = manifest["files"]
-    for required in (STATE_FILE, f"{EXPORT_DIR}/config.json"):
-        if required not in files:
-            raise CheckpointError(f"{path}: {MANIFEST_FILE} does not list {required}")
-    unlisted = sorted(_relative_files(path) - set(files) - {MANIFEST_FILE})
-    if unlisted:
-        pickles = [name for name in unlisted if name.endswith(".pkl")]
-        why = (f"refusing it: Accelerate would unpickle {pickles[0]}, which can run any code" if pickles
-               else "refusing it: a checkpoint holds exactly what its save wrote")
-        raise CheckpointError(f"{path} holds files its {MANIFEST_FILE} does not list: {_few(unlisted)}; {why}")
-    for relative, entry in files.items():  # sizes first: cheap, and they catch truncation
-        full = os.path.join(path, relative)
-        if not os.path.isfile(full):
-            raise CheckpointError(f"{path}: {relative} is missing")
-        size = os.path.getsize(full)
-        if size != entry["bytes"]:
-            raise CheckpointError(f"{path}: {relative} has {size:,} bytes, {MANIFEST_FILE} says {entry['bytes']:,} "
-                                  "(truncated or replaced)")
-    for relative, entry in files.items():
-        if file_sha256(os.path.join(path, relative)) != entry["sha256"]:
-            raise CheckpointError(f"{path}: {relative} does not match its SHA-256 in {MANIFEST_FILE} (corrupted)")
-    state = read_training_state(path)
-    if state.step != manifest["step"]:
-        raise CheckpointError(f"{path}: {STATE_FILE} says step {state.step}, {MANIFEST_FILE} step {manifest['step']}")
-    return state
-
-
-def checkpoint_settings(path: str) -> dict:
-    """The settings of the run that saved a checkpoint (``training_args`` of its export); {} when not recorded."""
-    try:
-        with open(os.path.join(path, EXPORT_DIR, "training_args.json"), encoding="utf-8") as handle:
-            settings = json.load(handle).get("training_args")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return {}
-    return settings if isinstance(settings, dict) else {}
-
-
-def newest_complete(output_dir: str) -> tuple[str, int] | None:
-    """The newest checkpoint with a manifest and its step (no file is hashed: for messages, not for resuming)."""
-    for path in reversed(checkpoint_dirs(output_dir)):
-        try:
-            return path, read_manifest(path)["step"]
-        except CheckpointError:
-            continue
-    return None
 
 
 def describe_newest(output_dir: str) -> str:
@@ -326,7 +177,7 @@ def next_checkpoint_index(root: str) -> int:
     """One more than any ``checkpoint_<i>`` (complete or not) or interrupted save in ``root``: never reused."""
     indices = [-1]
     for name in os.listdir(root) if os.path.isdir(root) else []:
-        match = _CHECKPOINT_NAME.fullmatch(name) or _HIDDEN_NAME.fullmatch(name)
+        match = CHECKPOINT_NAME.fullmatch(name) or _HIDDEN_NAME.fullmatch(name)
         if match:
             indices.append(int(match.group(1)))
     return max(indices) + 1
@@ -344,7 +195,7 @@ def write_manifest(folder: str, step: int) -> None:
     """Flush every file of a finished checkpoint folder, check each reads back, then write the manifest last."""
     fsync_tree(folder)
     files = {}
-    for relative in sorted(_relative_files(folder)):
+    for relative in sorted(relative_files(folder)):
         full = os.path.join(folder, relative)
         check_readable(full)
         files[relative] = {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
@@ -365,15 +216,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainingSt
             temporary folder is removed and every earlier checkpoint is untouched.
     """
     root = checkpoints_root(output_dir)
-    faults.at("before", "save")
     names: list[str | None] = [None, None]
     if accelerator.is_main_process:
         try:
             os.makedirs(root, exist_ok=True)
             remove_leftovers(root, say)
             final = os.path.join(root, f"checkpoint_{next_checkpoint_index(root)}")
-            temporary = hidden_sibling(final, "tmp")
-            os.mkdir(temporary)
+            temporary = make_hidden_folder(final)
         except OSError as error:  # e.g. a read-only or full file system: nothing was written
             raise CheckpointError(f"could not save the checkpoint at step {state.step}: {describe_os_error(error)}. "
                                   f"{describe_newest(output_dir)}") from error
@@ -381,26 +230,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainingSt
     temporary, final = broadcast_object_list(names)  # every process writes into the same temporary folder
     renamed = False
     try:
-        with faults.watch(temporary):
-            accelerator.save_state(output_dir=temporary)
-            if sharded is not None:
-                sharded.save(temporary)
-            save_rng_state(os.path.join(temporary, rng_file_name(accelerator.process_index)))
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                for name in os.listdir(temporary):
-                    if _ACCELERATE_RNG_FILE.fullmatch(name):  # a pickle; rng_state_<i>.safetensors replaces it
-                        os.remove(os.path.join(temporary, name))
-                write_json_atomically(os.path.join(temporary, STATE_FILE), state.state_dict())
-            write_export(os.path.join(temporary, EXPORT_DIR))
-            faults.at("after", "model/")
-            if accelerator.is_main_process:
-                write_manifest(temporary, state.step)
+        accelerator.save_state(output_dir=temporary)
+        if sharded is not None:
+            sharded.save(temporary)
+        save_rng_state(os.path.join(temporary, rng_file_name(accelerator.process_index)))
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            faults.at("before", "rename")
+            for name in os.listdir(temporary):
+                if _ACCELERATE_RNG_FILE.fullmatch(name):  # a pickle; rng_state_<i>.safetensors replaces it
+                    os.remove(os.path.join(temporary, name))
+            write_json_atomically(os.path.join(temporary, STATE_FILE), state.state_dict())
+        write_export(os.path.join(temporary, EXPORT_DIR))
+        if accelerator.is_main_process:
+            write_manifest(temporary, state.step)
             rename_into_place(temporary, final)
             renamed = True
-            faults.at("after", "rename")
     except Exception as error:
         if renamed:  # the checkpoint is complete; what failed came after it
             raise
@@ -416,7 +260,6 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainingSt
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, keep, just_saved=final, say=say)
-    faults.at("after", "save")
     return final
 
 
@@ -448,7 +291,6 @@ def prune_checkpoints(output_dir: str, keep: int | None, just_saved: str | None 
             read_manifest(path)
         except CheckpointError:
             continue
-        faults.at("before", "prune")
         try:
             remove_tree(path)
         except OSError as error:  # the new checkpoint is safe; a checkpoint too many is no reason to stop
@@ -456,7 +298,6 @@ def prune_checkpoints(output_dir: str, keep: int | None, just_saved: str | None 
             continue
         removed.append(path)
         say(f"removed {path} (keeping the newest {keep})")
-    faults.at("after", "prune")
     return removed
 
 

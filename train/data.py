@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from backpack.corpora import LEE_SAMPLE, WIKI_SAMPLE, gensim_test_file, lee_documents, wikipedia_articles
-from backpack_train.atomic import file_sha256
+from backpack.files import file_sha256
 from backpack_train.config import DataArguments, InputError
 
 logger = logging.getLogger(__name__)

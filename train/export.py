@@ -19,15 +19,9 @@ from contextlib import contextmanager
 from accelerate import Accelerator
 from transformers.utils import logging as hf_logging
 
-from backpack_train import faults
-from backpack_train.atomic import (
-    fsync_dir,
-    fsync_tree,
-    hidden_sibling,
-    reason_for_write_failure,
-    write_json_atomically,
-)
-from backpack_train.checkpointing import CheckpointError, describe_newest
+from backpack.checkpoints import CheckpointError
+from backpack.files import hidden_sibling, reason_for_write_failure, replace_folder, write_json_atomically
+from backpack_train.checkpointing import describe_newest
 from backpack_train.parallel import model_for_export
 
 FINAL_EXPORT_DIR = "model"
@@ -83,20 +77,6 @@ def _jsonable(value):
     return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
-def _replace_folder(temporary: str, final: str) -> None:
-    """Put a finished folder at ``final``, replacing an older one; ``final`` is never a partial folder."""
-    fsync_tree(temporary)
-    parent = os.path.dirname(os.path.abspath(final))
-    old = None
-    if os.path.lexists(final):
-        old = hidden_sibling(final, "old")
-        os.rename(final, old)
-    os.rename(temporary, final)
-    fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _remove_leftovers(final: str) -> None:
     """Hidden folders of an earlier export that a crash interrupted."""
     parent, name = os.path.split(os.path.abspath(final))
@@ -114,12 +94,10 @@ def export_final_model(accelerator: Accelerator, model, tokenizer, output_dir: s
         os.makedirs(output_dir, exist_ok=True)
         _remove_leftovers(final)
         temporary = hidden_sibling(final, "tmp")
-    faults.at("before", "export")
     try:
-        with faults.watch(temporary or final, prefix="export/"):
-            export_model(accelerator, model, tokenizer, temporary, training_args, metrics)
+        export_model(accelerator, model, tokenizer, temporary, training_args, metrics)
         if accelerator.is_main_process:
-            _replace_folder(temporary, final)
+            replace_folder(temporary, final)
     except Exception as error:  # a full disk, a quota, a read-only folder: one line, and how to finish
         failure = _export_failed(error, final, temporary, output_dir)
         if temporary:
@@ -129,7 +107,6 @@ def export_final_model(accelerator: Accelerator, model, tokenizer, output_dir: s
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)
         raise
-    faults.at("after", "export")
     return final
 
 
@@ -140,7 +117,7 @@ def restore_final_model(checkpoint: str, output_dir: str) -> str:
     temporary = hidden_sibling(final, "tmp")
     try:
         shutil.copytree(os.path.join(checkpoint, FINAL_EXPORT_DIR), temporary)
-        _replace_folder(temporary, final)
+        replace_folder(temporary, final)
     except OSError as error:  # a full disk (shutil.Error, an OSError, gathers the copy's failures)
         failure = _export_failed(error, final, temporary, output_dir)
         shutil.rmtree(temporary, ignore_errors=True)

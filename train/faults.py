@@ -1,8 +1,11 @@
 """Deterministic fault injection for the crash tests; inert unless ``BACKPACK_FAULT`` is set.
 
-The trainer marks the points of a save where a crash, a full disk or a second signal could leave something
-behind (:func:`at` for stages, :func:`at_file` around every file written into a checkpoint). ``BACKPACK_FAULT``
-names one or more of those points, comma separated, and what happens there::
+Faults are injected at one boundary: the crash-safe file module (``backpack.files``), whose writes, folder
+creations, renames into place and removals report to the hook that :func:`install` sets there, and the writers of
+Accelerate and transformers (``torch.save`` and safetensors' ``save_file`` as those libraries call them), which
+:func:`install` wraps so that they report the same way. The one other point is the end of an optimizer step
+(:func:`at`). A file is named by its place in the checkpoint or export being written, so the trainer itself marks
+nothing. ``BACKPACK_FAULT`` names one or more of those points, comma separated, and what happens there::
 
     [ACTION@]WHEN:TARGET[#N]
 
@@ -10,10 +13,13 @@ names one or more of those points, comma separated, and what happens there::
     TARGET  a file of the checkpoint being saved, relative to its folder: model.safetensors, optimizer.bin,
             scheduler.bin, rng_state_0.safetensors, training_state.json, model/model.safetensors,
             checkpoint.json ...; a file of the final export: export/model.safetensors ...; or a stage:
-              save     a whole checkpoint save          model/   its exported HF folder
-              rename   its rename into place            prune    removing checkpoints past the limit
-              remove   one folder hidden, not deleted   export   the final <output_dir>/model
-              step     one optimizer step
+              before:save     a checkpoint save starts (its hidden folder is created)
+              after:model/    everything of the checkpoint is written but its manifest (= before:checkpoint.json)
+              rename          the checkpoint's rename into place (before, after)
+              before:prune    a checkpoint past the limit is about to be removed
+              during:remove   a folder being removed is hidden, not yet deleted
+              after:export    the final export is in place
+              after:step      one optimizer step is done
     N       the N-th time this process reaches that point (default 1)
     ACTION  kill    SIGKILL, as `kill -9` (default)
             sigterm send SIGTERM to this process (a first or second signal, as a user would)
@@ -25,9 +31,7 @@ while writing it.
 Examples: ``after:optimizer.bin``, ``during:model/model.safetensors#2``, ``enospc@during:optimizer.bin#2``,
 ``sigterm@after:step#3,sigterm@after:optimizer.bin#2``.
 
-Files that Accelerate and transformers write are observed by wrapping their writers (``torch.save`` and
-safetensors' ``save_file`` as those libraries call them) while :func:`watch` is active, and only then, and only
-when ``BACKPACK_FAULT`` is set: a normal run is never patched.
+Nothing is installed or patched unless ``BACKPACK_FAULT`` is set: a normal run is never observed.
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ import re
 import signal
 import sys
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+
+from backpack import files
+from backpack.checkpoints import EXPORT_DIR, MANIFEST_FILE
 
 ENV = "BACKPACK_FAULT"
 ACTIONS = ("kill", "sigterm", "enospc", "fsize")
@@ -83,9 +88,14 @@ def parse(value: str) -> list[Fault]:
     return faults
 
 
+# The hidden folders a checkpoint and the final export are written in (backpack.files.hidden_sibling), and the
+# prefix that names the files written inside them.
+_WRITTEN_FOLDERS = ((re.compile(r"\.checkpoint_\d+\.tmp-.+"), ""), (re.compile(r"\.model\.tmp-.+"), "export/"))
+_CHECKPOINT = re.compile(r"checkpoint_\d+")
+
 _faults: list[Fault] | None = None  # read from the environment on first use
 _reached: Counter = Counter()
-_scopes: list[tuple[str, str]] = []  # (folder being written, prefix of its targets)
+_installed = False
 
 
 def active() -> list[Fault]:
@@ -96,21 +106,57 @@ def active() -> list[Fault]:
     return _faults
 
 
-def at(when: str, stage: str, path: str | None = None) -> None:
-    """Mark a stage point (``at("after", "rename")``); acts if ``BACKPACK_FAULT`` names it."""
+def install() -> None:
+    """Observe the file module and the libraries' writers, if ``BACKPACK_FAULT`` names any fault (else nothing)."""
+    global _installed
+    if _installed or not active():
+        return
+    for module_name, attribute, keyword, position in LIBRARY_WRITERS:
+        module = importlib.import_module(module_name)
+        if not hasattr(module, attribute):  # a library changed: the crash tests must not pass vacuously
+            raise RuntimeError(f"{ENV}: cannot observe {module_name}.{attribute}, which no longer exists")
+        setattr(module, attribute, _observed(getattr(module, attribute), keyword, position))
+    files.set_fault_hook(_on_file_operation)
+    _installed = True
+
+
+def at(when: str, stage: str) -> None:
+    """Mark a point that is no file operation (``at("after", "step")``); acts if ``BACKPACK_FAULT`` names it."""
     if active():
-        _reach(when, stage, path, written=None)
+        _reach(when, stage, None, written=None)
 
 
-def at_file(when: str, path: str, written: str | None = None) -> None:
-    """Mark a point around the write of ``path``; ``written`` is the file on disk so far (for ``during``)."""
-    if not active() or not _scopes:
-        return
-    root, prefix = _scopes[-1]
-    relative = os.path.relpath(os.path.abspath(path), root)
-    if relative.startswith(os.pardir):
-        return
-    _reach(when, prefix + relative.replace(os.sep, "/"), path, written=written or path)
+def target_of(path: str) -> str | None:
+    """The name of a file being written into a checkpoint or the final export (None: any other file)."""
+    parts = os.path.abspath(path).split(os.sep)
+    for index in range(len(parts) - 2, -1, -1):
+        for pattern, prefix in _WRITTEN_FOLDERS:
+            if pattern.fullmatch(parts[index]):
+                return prefix + "/".join(parts[index + 1:])
+    return None
+
+
+def _on_file_operation(operation: str, when: str, path: str, written: str | None) -> None:
+    """The hook of ``backpack.files``: a file operation's point, named as ``BACKPACK_FAULT`` names it."""
+    name = os.path.basename(os.path.normpath(path))
+    if operation == "write":
+        target = target_of(path)
+        if target is None:
+            return
+        if (when, target) == ("before", MANIFEST_FILE):  # the last file: all else is written
+            _reach("after", "model/", path, written=None)
+        _reach(when, target, path, written=written or path)
+    elif operation == "create" and when == "before" and _WRITTEN_FOLDERS[0][0].fullmatch(name):
+        _reach("before", "save", path, written=None)
+    elif operation == "rename" and _CHECKPOINT.fullmatch(name):
+        _reach(when, "rename", path, written=None)
+    elif operation == "rename" and when == "after" and name == EXPORT_DIR:
+        _reach("after", "export", path, written=None)
+    elif operation == "remove":
+        if when == "before" and _CHECKPOINT.fullmatch(name):
+            _reach("before", "prune", path, written=None)
+        elif when == "during":
+            _reach("during", "remove", path, written=None)
 
 
 def _reach(when: str, target: str, path: str | None, written: str | None) -> None:
@@ -140,31 +186,8 @@ def _act(fault: Fault, path: str | None, written: str | None) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
-@contextmanager
-def watch(folder: str, prefix: str = "") -> Iterator[None]:
-    """Name the files written under ``folder`` ``prefix + relative path``, the libraries' writes included."""
-    if not active():
-        yield
-        return
-    _scopes.append((os.path.abspath(folder), prefix))
-    originals = []
-    try:
-        for module_name, attribute, keyword, position in LIBRARY_WRITERS:
-            module = importlib.import_module(module_name)
-            if not hasattr(module, attribute):  # a library changed: the crash tests must not pass vacuously
-                raise RuntimeError(f"{ENV}: cannot observe {module_name}.{attribute}, which no longer exists")
-            original = getattr(module, attribute)
-            originals.append((module, attribute, original))
-            setattr(module, attribute, _observed(original, keyword, position))
-        yield
-    finally:
-        for module, attribute, original in reversed(originals):
-            setattr(module, attribute, original)
-        _scopes.pop()
-
-
 def _observed(writer, keyword: str, position: int):
-    """``writer`` with fault points before, during and after the file it writes."""
+    """``writer`` reporting before, during (the file complete, as a crash could leave it) and after its file."""
 
     @functools.wraps(writer)
     def write(*args, **kwargs):
@@ -172,10 +195,10 @@ def _observed(writer, keyword: str, position: int):
         if not isinstance(path, (str, os.PathLike)):  # a buffer, not a file
             return writer(*args, **kwargs)
         path = os.fspath(path)
-        at_file("before", path)
+        _on_file_operation("write", "before", path, None)
         result = writer(*args, **kwargs)
-        at_file("during", path)
-        at_file("after", path)
+        _on_file_operation("write", "during", path, None)
+        _on_file_operation("write", "after", path, None)
         return result
 
     return write

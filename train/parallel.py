@@ -37,7 +37,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, broadcast_object_list, parse_flag_from_env
 from safetensors.torch import load_file, save_file
 
-from backpack_train.atomic import write_bytes_atomically
+from backpack.files import write_bytes_atomically
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.bin"

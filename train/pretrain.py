@@ -27,14 +27,10 @@ import time
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
+from backpack.checkpoints import CheckpointError, checkpoint_settings
 from backpack.tokenizer import gpt2_tokenizer
-from backpack_train.checkpointing import (
-    CheckpointError,
-    ResumePoint,
-    checkpoint_settings,
-    describe_newest,
-    find_resume_point,
-)
+from backpack_train import faults
+from backpack_train.checkpointing import ResumePoint, describe_newest, find_resume_point
 from backpack_train.config import (
     DataArguments,
     InputError,
@@ -91,6 +87,7 @@ def finish_without_training(resume: ResumePoint, args: TrainArguments, is_main_p
 def main(argv: list[str] | None = None) -> dict:
     """Parse arguments, prepare data, build the model, train, export; returns the final metrics."""
     started = time.perf_counter()
+    faults.install()  # the crash tests' faults (BACKPACK_FAULT), at the file module's boundary; else nothing
     argv = list(sys.argv[1:] if argv is None else argv)
     data_args, args = parse_args((DataArguments, TrainArguments), argv, description=__doc__)
     distributed = PartialState(cpu=use_cpu(args))

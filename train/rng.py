@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from backpack_train.atomic import write_bytes_atomically
+from backpack.files import write_bytes_atomically
 
 
 def rng_file_name(process_index: int) -> str:

@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from backpack_train.atomic import remove_tree, write_bytes_atomically
-from backpack_train.checkpointing import CHECKPOINTS_DIR
+from backpack.checkpoints import CHECKPOINTS_DIR
+from backpack.files import remove_tree, write_bytes_atomically
 from backpack_train.export import FINAL_EXPORT_DIR
 
 LOG_HISTORY_FILE = "log_history.jsonl"
