@@ -13,6 +13,10 @@ on disk is a good one. The loop validates every ``eval_interval`` steps, saves a
 (train/checkpointing.py: complete or not at all) every ``save_interval`` steps and at the end, and stops cleanly
 (with a checkpoint) when the caller's :class:`~backpack_train.interrupt.StopOnSignal` saw SIGTERM / SIGINT on any
 process: all processes agree on it after every step, on the CPU.
+
+:func:`train` reads top to bottom: :func:`setup_run` builds the run's pieces (:class:`Run`), :func:`resume_run`
+loads a checkpoint into them, :func:`start_run` starts the logs, :func:`fit` is the step loop (:func:`train_step`,
+:func:`log_step`, :func:`validate`, :func:`save`) and :func:`finish_run` writes the last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,7 +51,7 @@ from backpack_train.checkpointing import (
 from backpack_train.config import TrainArguments, final_step
 from backpack_train.data import PAD_TOKEN, make_validation_loader
 from backpack_train.data_order import StepLayout, training_batches
-from backpack_train.distinct_words import training_distinct_words
+from backpack_train.distinct_words import DistinctWordSenses, training_distinct_words
 from backpack_train.export import export_model
 from backpack_train.interrupt import StopOnSignal
 from backpack_train.loss import evaluate, step_gradients
@@ -107,7 +113,7 @@ def _tracker_config(config: dict) -> dict:
 def publish(accelerator: Accelerator, folder: str, args: TrainArguments, step: int) -> None:
     """Push an export to the Hub from the main process; a failed push warns and training goes on."""
     if accelerator.is_main_process:
-        from hub_upload import HubUploadError, push_checkpoint  # only runs that publish need huggingface_hub's API
+        from backpack_hub import HubUploadError, push_checkpoint  # only runs that publish need huggingface_hub's API
 
         try:
             push_checkpoint(folder, args.push_to_hub, private=args.hub_private, dry_run=args.hub_dry_run,
@@ -189,6 +195,36 @@ def apply_hyperparameters(optimizer, scheduler, args: TrainArguments) -> None:
         inner._last_lr = rates
 
 
+@dataclass
+class Run:
+    """The pieces of one training run: built by :func:`setup_run`, read and advanced by everything after it."""
+
+    args: TrainArguments
+    accelerator: Accelerator
+    plan: Parallelism
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    validation_loader: torch.utils.data.DataLoader
+    layout: StepLayout
+    sharded: ShardedTrainingState | None
+    history: LogHistory
+    watch: NonFiniteWatch
+    tokenizer: Any
+    run_config: dict
+    state: TrainingState = field(default_factory=TrainingState)
+    metrics: dict = field(default_factory=dict)
+    progress: tqdm | None = None
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.layout.sequences_per_step
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.layout.sequences_per_step * self.args.n_positions
+
+
 def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokenizer, run_config: dict,
           stop_signal: StopOnSignal, resume: ResumePoint | None = None, plan: Parallelism | None = None) -> tuple:
     """Train ``model`` on the packed splits from ``resume`` (or from scratch); returns the prepared model and the
@@ -198,7 +234,17 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
     caller, so that it also covers the final export) turns a first SIGTERM / SIGINT into a save and a stop. The
     caller ends the run with ``accelerator.end_training()`` once it is done.
     """
-    plan = plan or plan_of(accelerator)
+    run = setup_run(args, accelerator, model, packed, tokenizer, run_config, plan or plan_of(accelerator))
+    resume_run(run, resume)
+    start_run(run)
+    stop_reason = fit(run, packed["train"], stop_signal)
+    finish_run(run, stop_reason)
+    return run.model, run.metrics
+
+
+def setup_run(args: TrainArguments, accelerator: Accelerator, model, packed, tokenizer, run_config: dict,
+              plan: Parallelism) -> Run:
+    """Wrap and prepare the model, optimizer, scheduler and validation loader; the run starts at step 0."""
     model.train()
     model = wrap_model(accelerator, model, plan, args.compile)  # FSDP: sharded here, before the optimizer sees it
     optimizer = build_optimizer(model, args)
@@ -212,161 +258,230 @@ def train(args: TrainArguments, accelerator: Accelerator, model, packed, tokeniz
     accelerator.register_save_state_pre_hook(drop_tied_aliases(accelerator))
     layout = StepLayout(accelerator.num_processes, accelerator.process_index, args.batch_size,
                         accelerator.gradient_accumulation_steps)
-    sequences_per_step = layout.sequences_per_step
-    tokens_per_step = sequences_per_step * args.n_positions
+    return Run(args, accelerator, plan, model, optimizer, scheduler, validation_loader, layout, sharded,
+               history=LogHistory(accelerator, args.output_dir), watch=NonFiniteWatch(accelerator.device),
+               tokenizer=tokenizer, run_config=run_config)
 
-    history = LogHistory(accelerator, args.output_dir)
+
+def resume_run(run: Run, resume: ResumePoint | None) -> None:
+    """Load ``resume`` (weights, optimizer, scheduler, generators, data position) with this run's
+    hyper-parameters, or say that ``--resume latest`` found nothing; any ``--resume`` drops the log records of the
+    steps this run logs again."""
+    accelerator, args = run.accelerator, run.args
     if resume is not None:
-        state = load_checkpoint(accelerator, resume, sharded)
-        apply_hyperparameters(optimizer, scheduler, args)
-        accelerator.print(f"Resumed from {resume.path} at step {state.step} (sequence {state.sequences:,} of the "
-                          "data order)")
-        if state.sequences_per_step not in (0, sequences_per_step):
+        run.state = load_checkpoint(accelerator, resume, run.sharded)
+        apply_hyperparameters(run.optimizer, run.scheduler, args)
+        accelerator.print(f"Resumed from {resume.path} at step {run.state.step} (sequence {run.state.sequences:,} "
+                          "of the data order)")
+        if run.state.sequences_per_step not in (0, run.sequences_per_step):
             accelerator.print(
-                f"global batch {sequences_per_step} sequences ({tokens_per_step:,} tokens) per step (checkpoint: "
-                f"{state.sequences_per_step}): the run continues from sequence {state.sequences:,} of the data "
-                "order with the new batch")
-    else:
-        state = TrainingState()
-        if args.resume == "latest":
-            accelerator.print(f"No checkpoint in {checkpoints_root(args.output_dir)}; starting from scratch")
+                f"global batch {run.sequences_per_step} sequences ({run.tokens_per_step:,} tokens) per step "
+                f"(checkpoint: {run.state.sequences_per_step}): the run continues from sequence "
+                f"{run.state.sequences:,} of the data order with the new batch")
+    elif args.resume == "latest":
+        accelerator.print(f"No checkpoint in {checkpoints_root(args.output_dir)}; starting from scratch")
     if args.resume is not None:  # the records past the checkpoint are logged again from here
-        dropped = history.cut_after(state.step if resume is not None else -1)
+        dropped = run.history.cut_after(run.state.step if resume is not None else -1)
         if dropped:
             accelerator.print(f"log_history.jsonl: dropped {dropped} record(s) of the steps this run logs again")
-    state.sequences_per_step = sequences_per_step
+    run.state.sequences_per_step = run.sequences_per_step
 
-    accelerator.init_trackers(args.run_name, config=_tracker_config(run_config))
+
+def start_run(run: Run) -> None:
+    """Start the trackers and the progress bar, say what one step is, and validate the weights of step 0."""
+    accelerator, args, state = run.accelerator, run.args, run.state
+    accelerator.init_trackers(args.run_name, config=_tracker_config(run.run_config))
     accelerator.print(
-        f"{args.model}: {count_parameters(accelerator.unwrap_model(model)):,} parameters | {accelerator.num_processes} "
-        f"process(es) x {args.batch_size} sequences x {layout.accumulation} accumulation = {tokens_per_step:,} "
-        "tokens/step"
+        f"{args.model}: {count_parameters(accelerator.unwrap_model(run.model)):,} parameters | "
+        f"{accelerator.num_processes} process(es) x {args.batch_size} sequences x {run.layout.accumulation} "
+        f"accumulation = {run.tokens_per_step:,} tokens/step"
     )
+    run.metrics = {"start_step": state.step, "step": state.step, "tokens": state.tokens}
+    run.progress = tqdm(total=args.max_steps, initial=state.step, desc="training",
+                        disable=not accelerator.is_local_main_process)
+    if state.step == 0 and (start := validate(run)) is not None:
+        run.metrics.update(start_val_loss=start["loss"], start_val_perplexity=start["perplexity"])
 
-    def validate() -> dict | None:
-        """Validation loss and perplexity, logged; None (nothing logged) when no token was scored."""
-        result = evaluate(model, validation_loader, accelerator, args.eval_batches, progress_bar=False)
-        if result["tokens"] == 0:
-            why = "--eval_batches 0" if args.eval_batches == 0 else "the validation split is empty"
-            accelerator.print(f"step {state.step}: no validation ({why}): no validation metric is recorded")
-            return None
-        history.write({"val/loss": result["loss"], "val/perplexity": result["perplexity"]}, step=state.step)
-        accelerator.print(f"step {state.step}: validation loss {result['loss']:.4f}, "
-                          f"perplexity {result['perplexity']:.2f} ({result['tokens']:,} tokens)")
-        return result
 
-    def save(final_metrics: dict) -> str:
-        def write_export(folder: str) -> None:
-            export_model(accelerator, model, tokenizer, folder, run_config, {"step": state.step, **final_metrics})
+class StepFeed:
+    """This process's micro-batches of each step from the run's data order (train/data_order.py), the step's
+    target tokens (all processes) and whether any process was asked to stop: one CPU collective per step."""
 
-        check_finite()  # a NaN loss since the last check: never saved
-        folder = save_checkpoint(accelerator, args.output_dir, state, write_export, args.save_total_limit,
-                                 say=accelerator.print, sharded=sharded)
-        if args.push_to_hub:
-            publish(accelerator, os.path.join(folder, "model"), args, state.step)
-        return folder
+    def __init__(self, run: Run, train_split, stop_signal: StopOnSignal):
+        self.batches = training_batches(train_split, run.layout, run.state.sequences, run.args.seed,
+                                        pin_memory=run.accelerator.device.type == "cuda")
+        self.agree = HostSums(run.accelerator)
+        self.accumulation = run.layout.accumulation
+        self.stop_signal = stop_signal
 
-    watch = NonFiniteWatch(accelerator.device)
-
-    def check_finite() -> None:
-        """Stop without saving when a step since the start had a NaN / inf loss (reads the device: a sync)."""
-        if (bad_step := watch.first(accelerator)) is not None:
-            progress.close()
-            accelerator.end_training()
-            raise NonFiniteLossError(
-                f"the training loss is not finite (NaN or inf) at step {bad_step}; stopping without saving. "
-                f"{describe_newest(args.output_dir)} Resume with --resume latest, perhaps with a lower learning_rate "
-                "(e.g. --learning_rate 1e-4: the command line's value is used, and said)."
-            )
-
-    metrics: dict = {"start_step": state.step, "step": state.step, "tokens": state.tokens}
-    progress = tqdm(total=args.max_steps, initial=state.step, desc="training",
-                    disable=not accelerator.is_local_main_process)
-    if state.step == 0 and (start := validate()) is not None:
-        metrics.update(start_val_loss=start["loss"], start_val_perplexity=start["perplexity"])
-    last_stop = final_step(args)
-    start_tokens = state.tokens
-    batches = training_batches(packed["train"], layout, state.sequences, args.seed,
-                               pin_memory=accelerator.device.type == "cuda")
-    agree = HostSums(accelerator)
-    distinct_words = None
-    if args.model == "backpack" and args.distinct_word_senses:
-        # The sense network once per distinct word of each step (train/distinct_words.py). Under FSDP the table is
-        # computed inside each micro-batch's forward, where FSDP gathers the parameters.
-        distinct_words = training_distinct_words(
-            accelerator.unwrap_model(model), packed["train"], args.batch_size, layout.accumulation,
-            args.n_positions + 1, args.seed, share=not plan.sharded, autocast=accelerator.autocast)
-        if args.compile:
-            # Each word-list size a run meets is a graph of its own (one more in the step's last micro-batch).
-            expect_graphs(torch._dynamo.config.recompile_limit + 2 * len(distinct_words.buckets))
-        accelerator.print(f"distinct-word senses: the sense network runs once per distinct word of each "
-                          f"{'step' if distinct_words.word_senses else 'micro-batch'}, word lists padded to "
-                          f"{' / '.join(f'{size:,}' for size in distinct_words.buckets)} words")
-
-    def next_step() -> tuple[list[dict], int, bool]:
-        """This process's micro-batches of the next step, the step's target tokens (all processes) and whether
-        any process was asked to stop: one CPU collective per step."""
-        micro_batches = [next(batches) for _ in range(layout.accumulation)]
+    def next_step(self) -> tuple[list[dict], int, bool]:
+        micro_batches = [next(self.batches) for _ in range(self.accumulation)]
         local_targets = sum(int((batch["targets"] != PAD_TOKEN).sum()) for batch in micro_batches)
-        targets, stops = agree(local_targets, stop_signal.received is not None)
+        targets, stops = self.agree(local_targets, self.stop_signal.received is not None)
         return micro_batches, targets, stops > 0
 
-    micro_batches, step_targets, stop = next_step() if state.step < last_stop else ([], 0, False)
-    started, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
-    stop_reason = (stop_signal.received or "signal") if stop else None
+    def stop_reason(self) -> str:
+        return self.stop_signal.received or "signal"
+
+
+def distinct_word_senses(run: Run, train_split) -> DistinctWordSenses | None:
+    """The sense network once per distinct word of each step (train/distinct_words.py), or None (per token).
+
+    Under FSDP the table is computed inside each micro-batch's forward, where FSDP gathers the parameters.
+    """
+    args, plan = run.args, run.plan
+    if args.model != "backpack" or not args.distinct_word_senses:
+        return None
+    distinct_words = training_distinct_words(
+        run.accelerator.unwrap_model(run.model), train_split, args.batch_size, run.layout.accumulation,
+        args.n_positions + 1, args.seed, share=not plan.sharded, autocast=run.accelerator.autocast)
+    if args.compile:
+        # Each word-list size a run meets is a graph of its own (one more in the step's last micro-batch).
+        expect_graphs(torch._dynamo.config.recompile_limit + 2 * len(distinct_words.buckets))
+    run.accelerator.print(f"distinct-word senses: the sense network runs once per distinct word of each "
+                          f"{'step' if distinct_words.word_senses else 'micro-batch'}, word lists padded to "
+                          f"{' / '.join(f'{size:,}' for size in distinct_words.buckets)} words")
+    return distinct_words
+
+
+class Throughput:
+    """Tokens per second over the steps since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def per_second(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
+def fit(run: Run, train_split, stop_signal: StopOnSignal) -> str | None:
+    """The step loop, up to the run's last step or a signal: train, log, validate and save at their intervals.
+
+    Returns the signal that stopped it early (None: it ran to its last step); the loop's speed is in ``metrics``.
+    """
+    args, state, metrics = run.args, run.state, run.metrics
+    last_stop = final_step(args)
+    start_tokens = state.tokens
+    feed = StepFeed(run, train_split, stop_signal)
+    distinct_words = distinct_word_senses(run, train_split)
+    micro_batches, step_targets, stop = feed.next_step() if state.step < last_stop else ([], 0, False)
+    started, window = time.perf_counter(), Throughput()
+    stop_reason = feed.stop_reason() if stop else None
     while state.step < last_stop and stop_reason is None:
-        # Every micro-batch's summed loss over the step's target count: the step's gradient is that of the mean
-        # over all its target tokens, whatever the split. Accelerate divides by the accumulation and DDP averages
-        # over processes; the factor undoes both.
         targets = step_targets
-        scale = accelerator.num_processes * layout.accumulation / max(targets, 1)
-        loss_sum = step_gradients(model, micro_batches, scale, accelerator.backward,
-                                  lambda: micro_step(accelerator, model), distinct_words, accelerator.device)
-        if not accelerator.sync_gradients:  # never silently a step that does not update the weights
-            raise RuntimeError(f"gradients were not synchronised after {layout.accumulation} micro-batch(es) of step "
-                               f"{state.step + 1} (accelerator.step {accelerator.step}): the optimizer would not step")
-        watch.update(loss_sum, state.step + 1)
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.sequences += sequences_per_step
-        state.tokens += tokens_per_step
-        window_tokens += tokens_per_step
-        progress.update(1)
+        loss_sum = train_step(run, micro_batches, targets, distinct_words)
+        window.tokens += run.tokens_per_step
+        run.progress.update(1)
         faults.at("after", "step")
         if state.step < last_stop:
-            micro_batches, step_targets, stop = next_step()
+            micro_batches, step_targets, stop = feed.next_step()
         else:
             stop = stop_signal.received is not None
         if stop:
-            stop_reason = stop_signal.received or "signal"
+            stop_reason = feed.stop_reason()
 
         if state.step % args.log_interval == 0 or state.step == last_stop or stop:
-            check_finite()
-            step_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(targets, 1)
-            elapsed = time.perf_counter() - window_start
-            record = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
-                      "train/tokens_per_second": window_tokens / max(elapsed, 1e-9), "train/tokens": state.tokens}
-            history.write(record, step=state.step)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['train/lr']:.2e}",
-                                 tok_s=f"{record['train/tokens_per_second']:,.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
-            metrics.update(train_loss=step_loss)
+            metrics.update(train_loss=log_step(run, loss_sum, targets, window))
         metrics.update(step=state.step, tokens=state.tokens)
         if state.step % args.eval_interval == 0 or state.step == args.max_steps:
-            check_finite()
-            if (result := validate()) is not None:
+            check_finite(run)
+            if (result := validate(run)) is not None:
                 metrics.update(val_loss=result["loss"], val_perplexity=result["perplexity"])
         if stop_reason is None and state.step % args.save_interval == 0 and state.step < last_stop:
-            save(metrics)
-    progress.close()
+            save(run)
+    run.progress.close()
     wall = time.perf_counter() - started
     metrics.update(train_seconds=wall, tokens_per_second=(state.tokens - start_tokens) / max(wall, 1e-9),
                    stopped_by=stop_reason)
-    folder = save(metrics)
+    return stop_reason
+
+
+def train_step(run: Run, micro_batches: list[dict], targets: int,
+               distinct_words: DistinctWordSenses | None) -> torch.Tensor:
+    """One optimizer step; returns its summed loss, left on the device (this process's micro-batches).
+
+    Every micro-batch's summed loss is divided by the step's target count: the step's gradient is that of the mean
+    over all its target tokens, whatever the split. Accelerate divides by the accumulation and DDP averages over
+    processes; the factor undoes both.
+    """
+    accelerator, model, state = run.accelerator, run.model, run.state
+    scale = accelerator.num_processes * run.layout.accumulation / max(targets, 1)
+    loss_sum = step_gradients(model, micro_batches, scale, accelerator.backward,
+                              lambda: micro_step(accelerator, model), distinct_words, accelerator.device)
+    if not accelerator.sync_gradients:  # never silently a step that does not update the weights
+        raise RuntimeError(f"gradients were not synchronised after {run.layout.accumulation} micro-batch(es) of "
+                           f"step {state.step + 1} (accelerator.step {accelerator.step}): the optimizer would not step")
+    run.watch.update(loss_sum, state.step + 1)
+    if run.args.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), run.args.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.sequences += run.sequences_per_step
+    state.tokens += run.tokens_per_step
+    return loss_sum
+
+
+def log_step(run: Run, loss_sum: torch.Tensor, targets: int, window: Throughput) -> float:
+    """Read the step's loss back (a sync), log it with the learning rate and throughput; returns the loss."""
+    check_finite(run)
+    step_loss = run.accelerator.reduce(loss_sum, reduction="sum").item() / max(targets, 1)
+    record = {"train/loss": step_loss, "train/lr": run.scheduler.get_last_lr()[0],
+              "train/tokens_per_second": window.per_second(), "train/tokens": run.state.tokens}
+    run.history.write(record, step=run.state.step)
+    run.progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['train/lr']:.2e}",
+                             tok_s=f"{record['train/tokens_per_second']:,.0f}")
+    window.reset()
+    return step_loss
+
+
+def validate(run: Run) -> dict | None:
+    """Validation loss and perplexity, logged; None (nothing logged) when no token was scored."""
+    accelerator, args, step = run.accelerator, run.args, run.state.step
+    result = evaluate(run.model, run.validation_loader, accelerator, args.eval_batches, progress_bar=False)
+    if result["tokens"] == 0:
+        why = "--eval_batches 0" if args.eval_batches == 0 else "the validation split is empty"
+        accelerator.print(f"step {step}: no validation ({why}): no validation metric is recorded")
+        return None
+    run.history.write({"val/loss": result["loss"], "val/perplexity": result["perplexity"]}, step=step)
+    accelerator.print(f"step {step}: validation loss {result['loss']:.4f}, "
+                      f"perplexity {result['perplexity']:.2f} ({result['tokens']:,} tokens)")
+    return result
+
+
+def check_finite(run: Run) -> None:
+    """Stop without saving when a step since the start had a NaN / inf loss (reads the device: a sync)."""
+    if (bad_step := run.watch.first(run.accelerator)) is not None:
+        run.progress.close()
+        run.accelerator.end_training()
+        raise NonFiniteLossError(
+            f"the training loss is not finite (NaN or inf) at step {bad_step}; stopping without saving. "
+            f"{describe_newest(run.args.output_dir)} Resume with --resume latest, perhaps with a lower learning_rate "
+            "(e.g. --learning_rate 1e-4: the command line's value is used, and said)."
+        )
+
+
+def save(run: Run) -> str:
+    """A checkpoint of the run's state with its exported HF folder (never after a NaN loss); pushed if asked."""
+    accelerator, args, state = run.accelerator, run.args, run.state
+
+    def write_export(folder: str) -> None:
+        export_model(accelerator, run.model, run.tokenizer, folder, run.run_config, {"step": state.step, **run.metrics})
+
+    check_finite(run)  # a NaN loss since the last check: never saved
+    folder = save_checkpoint(accelerator, args.output_dir, state, write_export, args.save_total_limit,
+                             say=accelerator.print, sharded=run.sharded)
+    if args.push_to_hub:
+        publish(accelerator, os.path.join(folder, "model"), args, state.step)
+    return folder
+
+
+def finish_run(run: Run, stop_reason: str | None) -> None:
+    """The last checkpoint (also when a signal stopped the loop), said."""
+    folder = save(run)
     stopped = f" (stopped by {stop_reason})" if stop_reason else ""
-    accelerator.print(f"Saved checkpoint {folder} at step {state.step}{stopped}")
-    return model, metrics
+    run.accelerator.print(f"Saved checkpoint {folder} at step {run.state.step}{stopped}")
