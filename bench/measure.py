@@ -357,6 +357,43 @@ def trainer_micro_batches(data: TokenBatches, sizes: BenchSizes, offset: int = 7
     return [collate(part) for part in blocks.split(sizes.train_batch)]
 
 
+def bench_trainer_step(backpack, gpt2, data: TokenBatches, sizes: BenchSizes, device, tick) -> dict:
+    """The trainer's step, eager (`trainer_step`: `train_micro_batches` micro-batches of (train_batch, seq)):
+    the Backpack with its sense network once per distinct word of the step (the trainer's default), the Backpack
+    per token (`--distinct_word_senses false`) and GPT-2, interleaved; tokens per second of each."""
+    micro_batches = trainer_micro_batches(data, sizes)
+    tokens = sum(batch["input_ids"].numel() for batch in micro_batches)
+    buckets = step_buckets(micro_batches, backpack.config.vocab_size)
+    plan = plan_distinct_words([batch["input_ids"].numpy() for batch in micro_batches], buckets,
+                               backpack.config.vocab_size)
+    backpack_optimizer, gpt2_optimizer = make_optimizer(backpack), make_optimizer(gpt2)
+    senses = trainer_distinct_words(backpack, buckets)
+    candidates = {
+        "backpack": lambda: trainer_step(backpack, backpack_optimizer, micro_batches, device, senses),
+        "backpack_per_token": lambda: trainer_step(backpack, backpack_optimizer, micro_batches, device),
+        "gpt2": lambda: trainer_step(gpt2, gpt2_optimizer, micro_batches, device),
+    }
+    for model in (backpack, gpt2):
+        model.train()
+    try:
+        times = interleaved_times(candidates, device, sizes.warmup, sizes.reps, tick)
+    finally:
+        for model, optimizer in ((backpack, backpack_optimizer), (gpt2, gpt2_optimizer)):
+            optimizer.zero_grad(set_to_none=True)
+            model.eval()
+        candidates.clear()  # the optimizers' state goes with them
+        gc.collect()
+    results: dict = {"batch": sizes.train_batch, "seq": sizes.seq, "micro_batches": sizes.train_micro_batches,
+                     "tokens_per_step": tokens, "distinct_words": plan.distinct,
+                     "word_list_padded_to": int(plan.words.numel())}
+    for name, seconds in times.items():
+        summary = summarize(seconds)
+        results[name] = {**summary, "tokens_per_s": tokens / summary["median_s"]}
+    results["tokens_per_s_ratio_backpack_over_gpt2"] = (
+        results["backpack"]["tokens_per_s"] / results["gpt2"]["tokens_per_s"])
+    return results
+
+
 def bench_train_compiled(
     backpack, gpt2, data: TokenBatches, sizes: BenchSizes, device, tick, backend: str = "inductor"
 ) -> dict:

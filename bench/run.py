@@ -2,17 +2,17 @@
 
     python bench/run.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                         [--config tiny|micro|mini|small] [--attn sdpa|eager|flash_attention_2]
-                        [--data wiki|lee|random] [--sections ...] [--generate-modes ...]
+                        [--data wiki|lee|embedded|random] [--sections ...] [--generate-modes ...]
                         [--size KEY=VALUE ...] [--json OUT.json] [--plot OUT.png]
 
-Measures forward and training-step time against the matched `GPT2LMHeadModel` (eager, and compiled as the
-trainer's `--compile true` does), greedy generation (the default cache against GPT-2's `generate`, the published
-code's no-cache loop, a static cache with and without `torch.compile(mode="reduce-overhead", fullgraph=True)`),
-per-token decoding latency at two positions, training-step peak memory of the fused vs materialised sense sum,
-the FLOPs per token of one optimizer step of the trainer (`train_cost`, counted on the meta device), and on CUDA
-the model FLOP utilisation and the paper's Table 7. Writes every raw timing and the headline ratios
-to JSON (after every section, so a run cut short keeps what it measured) and prints a markdown table. Targets
-are reported, never enforced.
+Measures forward and training-step time against the matched `GPT2LMHeadModel` (eager; the trainer's own step,
+eager and compiled as its `--compile true` does), greedy generation (the default cache against GPT-2's
+`generate`, the published code's no-cache loop, a static cache with and without
+`torch.compile(mode="reduce-overhead", fullgraph=True)`), per-token decoding latency at two positions,
+training-step peak memory of the fused vs materialised sense sum, the FLOPs per token of one optimizer step of the
+trainer (`train_cost`, counted on the meta device), and on CUDA the model FLOP utilisation and the paper's Table 7.
+Writes every raw timing and the headline ratios to JSON (after every section, so a run cut short keeps what it
+measured) and prints a markdown table. Targets are reported, never enforced.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from backpack_bench.measure import (
     bench_train_compiled,
     bench_train_cost,
     bench_train_step,
+    bench_trainer_step,
 )
 from backpack_bench.memory import bench_memory
 from backpack_bench.report import (
@@ -58,8 +59,10 @@ from backpack_bench.report import (
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ALL_SECTIONS = ("forward", "train", "train_compiled", "generate", "latency", "memory", "mfu", "table7", "train_cost")
-CPU_SECTIONS = ("forward", "train", "generate", "latency", "memory", "train_cost")  # compiling on a CPU takes minutes
+ALL_SECTIONS = ("forward", "train", "trainer", "train_compiled", "generate", "latency", "memory", "mfu", "table7",
+                "train_cost")
+# Compiling on a CPU takes minutes: train_compiled runs on CUDA by default.
+CPU_SECTIONS = ("forward", "train", "trainer", "generate", "latency", "memory", "train_cost")
 CPU_GENERATE_MODES = ("default", "recompute", "static")
 CUDA_GENERATE_MODES = ("default", "recompute", "static", "static_compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,7 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa",
                         help="attention implementation of both models")
     parser.add_argument("--data", choices=DATA_SOURCES, default="wiki",
-                        help="token ids: real text (gensim's Wikipedia or Lee sample) or uniform random")
+                        help="token ids: real text (gensim's Wikipedia or Lee sample, or both: the trainer's "
+                             "embedded corpus) or uniform random; train_cost reads the embedded corpus unless lee "
+                             "or random")
     parser.add_argument("--sections", default=None,
                         help=f"comma-separated subset of {','.join(ALL_SECTIONS)} (default: all that apply; "
                              "mfu and table7 on CUDA only)")
@@ -183,6 +188,7 @@ def progress_total(sections: tuple[str, ...], sizes: BenchSizes, modes: tuple[st
     per_section = {
         "forward": sizes.reps,
         "train": sizes.reps,
+        "trainer": sizes.reps,
         "train_compiled": sizes.reps,
         "generate": len(sizes.generate_batches) * len(set(modes) - {"recompute"})
         + (len(set(sizes.recompute_batches) & set(sizes.generate_batches)) if "recompute" in modes else 0),
@@ -276,6 +282,7 @@ def run_benchmarks(
     steps = {
         "forward": lambda: bench_forward(backpack, gpt2, data, sizes, device, tick),
         "train": lambda: bench_train_step(backpack, gpt2, data, sizes, device, tick),
+        "trainer": lambda: bench_trainer_step(backpack, gpt2, data, sizes, device, tick),
         "train_compiled": lambda: bench_train_compiled(backpack, gpt2, data, sizes, device, tick,
                                                        args.compile_backend),
         "generate": lambda: bench_generate(backpack, gpt2, data, sizes, device, tick, modes, args.compile_backend,

@@ -33,7 +33,7 @@ def test_bench_runs_and_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
     main(["--config", "tiny", "--data", "random", "--no-isolate", "--json", str(out), "--plot", str(plot),
-          "--sections", "forward,train,train_compiled,generate,latency,memory,mfu,train_cost",
+          "--sections", "forward,train,trainer,train_compiled,generate,latency,memory,mfu,train_cost",
           "--compile-backend", "eager",
           "--generate-modes", "default,recompute,static,static_compiled"], sizes=TINY_SIZES)
     results = json.loads(out.read_text())
@@ -60,6 +60,10 @@ def test_bench_runs_and_writes_every_key(tmp_path, capsys):
     # The trainer's step with distinct-word senses (2 micro-batches, one table), and the per-token path beside it.
     assert results["train_compiled"]["micro_batches"] == 2 and results["train_compiled"]["distinct_words"]["words"] > 0
     assert results["train_compiled"]["backpack_per_token_eager"]["median_s"] > 0
+    trainer = results["trainer"]
+    assert trainer["tokens_per_step"] == 64 and trainer["micro_batches"] == 2
+    for name in ("backpack", "backpack_per_token", "gpt2"):
+        assert trainer[name]["tokens_per_s"] == pytest.approx(64 / trainer[name]["median_s"])
     cost = results["train_cost"]
     assert set(cost["flops_per_token"]) == {"backpack", "gpt2"} and cost["size"] == "tiny"
     assert cost["tokens_per_step_per_process"] == 256 and cost["micro_batches"] == 4

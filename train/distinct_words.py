@@ -1,10 +1,11 @@
 """The Backpack's sense network once per distinct word of an optimizer step, instead of once per token.
 
 The senses C(x) depend on the word x alone, and text repeats words: a step of 131,072 tokens of the embedded
-corpus (256 random blocks of 512, as the trainer draws them) holds about 13 % distinct words. The data side knows every token id of a step before the device does, so the host lists
-the step's distinct words and each token's row among them (:func:`plan_distinct_words`); the list is padded to
-one of a few fixed sizes (:func:`word_buckets`), so that a compiled forward sees the same shapes step after step
-and no `torch.unique` stalls the device or breaks the graph.
+corpus (256 random blocks of 512, as the trainer draws them) holds about 13 % distinct words. The data side knows
+every token id of a step before the device does, so the host lists the step's distinct words and each token's row
+among them (:func:`plan_distinct_words`); the list is padded to one of a few fixed sizes (:func:`word_buckets`),
+so that a compiled forward sees the same shapes step after step and no `torch.unique` stalls the device or breaks
+the graph.
 
 Within an optimizer step of several micro-batches (:class:`DistinctWordSenses`):
 
