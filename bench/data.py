@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from backpack.corpora import lee_documents, wikipedia_articles
+from configuration_backpack_gpt2 import GPT2_END_OF_TEXT, GPT2_VOCAB_SIZE
 
 DATA_SOURCES = ("wiki", "lee", "embedded", "random")
-GPT2_EOS = 50256
 
 
 def _texts(source: str) -> Iterator[str]:
@@ -34,7 +34,7 @@ def token_stream(source: str, min_tokens: int, vocab_size: int, seed: int = 0) -
     """
     if source == "random":
         generator = torch.Generator().manual_seed(seed)
-        return torch.randint(0, min(vocab_size, 50257), (min_tokens,), generator=generator)
+        return torch.randint(0, min(vocab_size, GPT2_VOCAB_SIZE), (min_tokens,), generator=generator)
     if source not in DATA_SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose from {DATA_SOURCES}")
     from backpack.tokenizer import gpt2_tokenizer
@@ -62,7 +62,7 @@ def packed_blocks(source: str, block_size: int, vocab_size: int, seed: int = 0,
     """
     if source == "random":
         generator = np.random.default_rng(seed)
-        return generator.integers(0, min(vocab_size, GPT2_EOS + 1), (max(min_blocks, 1), block_size))
+        return generator.integers(0, min(vocab_size, GPT2_VOCAB_SIZE), (max(min_blocks, 1), block_size))
     if source not in DATA_SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose from {DATA_SOURCES}")
     from backpack.tokenizer import gpt2_tokenizer
@@ -70,7 +70,7 @@ def packed_blocks(source: str, block_size: int, vocab_size: int, seed: int = 0,
 
     tokenizer = gpt2_tokenizer(model_max_length=10**9)
     documents = tokenizer(list(_texts(source)), add_special_tokens=False, verbose=False)["input_ids"]
-    return np.array(pack_documents(documents, GPT2_EOS, block_size), dtype=np.int64)  # padding: PAD_TOKEN (-100)
+    return np.array(pack_documents(documents, GPT2_END_OF_TEXT, block_size), dtype=np.int64)  # padding: PAD_TOKEN
 
 
 class TokenBatches:

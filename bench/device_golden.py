@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import transformers
 
 from backpack.files import write_json_atomically
-from backpack_bench.measure import cache_argument, describe_error
+from backpack_bench.measure import describe_error
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,17 +102,16 @@ def check_low_precision(fixture: str, expected: dict, device: torch.device) -> d
 def check_cache(fixture: str, expected: dict, device: torch.device) -> dict:
     model = load(fixture, device, torch.float32)
     ids = expected["input_ids"].to(device)
-    argument = cache_argument(model)
     result = {}
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         for prefix in (1, ids.shape[1] // 2):
             out = model(ids[:, :prefix], use_cache=True)
-            steps, cache = [out.logits], out.get("cache") or out.get("past_key_values")
+            steps, cache = [out.logits], out.cache
             for position in range(prefix, ids.shape[1]):
-                out = model(ids[:, position : position + 1], use_cache=True, **{argument: cache})
+                out = model(ids[:, position : position + 1], use_cache=True, cache=cache)
                 steps.append(out.logits)
-                cache = out.get("cache") or out.get("past_key_values")
+                cache = out.cache
             result[f"prefill{prefix}_relative_error"] = relative_error(torch.cat(steps, dim=1), full)
     return result
 

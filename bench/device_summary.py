@@ -133,8 +133,9 @@ def distinct_tokens_per_batch(batch: int, seq: int, windows: int = 8) -> int:
     """Median number of distinct token ids in a (batch, seq) window of the embedded corpus's Wikipedia text:
     the sense network runs once per distinct token, so the Backpack's FLOPs depend on it (as in `bench_mfu`)."""
     from backpack_bench.data import TokenBatches
+    from configuration_backpack_gpt2 import GPT2_PADDED_VOCAB_SIZE
 
-    data = TokenBatches("wiki", batch * seq * windows, 50264)
+    data = TokenBatches("wiki", batch * seq * windows, GPT2_PADDED_VOCAB_SIZE)
     return int(statistics.median(
         data.batch(batch, seq, offset=index * batch * seq).unique().numel() for index in range(windows)))
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from backpack.corpora import LEE_SAMPLE, WIKI_SAMPLE, gensim_test_file, lee_documents, wikipedia_articles
 from backpack.files import file_sha256
 from backpack_train.config import DataArguments, InputError
+from configuration_backpack_gpt2 import GPT2_END_OF_TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +387,7 @@ def prepare_datasets(args: DataArguments, tokenizer, block_size: int):
 # --- batches ---------------------------------------------------------------------------------------------------
 
 
-def collate_blocks(examples: list[dict], eos_token_id: int = 50256) -> dict[str, torch.Tensor]:
+def collate_blocks(examples: list[dict], eos_token_id: int = GPT2_END_OF_TEXT) -> dict[str, torch.Tensor]:
     """Stack blocks of ``n + 1`` tokens into inputs ``block[:-1]`` and targets ``block[1:]`` (padding -> -100)."""
     blocks = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
     inputs = blocks[:, :-1].masked_fill(blocks[:, :-1] == PAD_TOKEN, eos_token_id)

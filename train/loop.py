@@ -39,6 +39,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from backpack.loading import count_parameters
 from backpack_train import faults
 from backpack_train.checkpointing import (
     ResumePoint,
@@ -55,7 +56,7 @@ from backpack_train.distinct_words import DistinctWordSenses, training_distinct_
 from backpack_train.export import export_model
 from backpack_train.interrupt import StopOnSignal
 from backpack_train.loss import evaluate, step_gradients
-from backpack_train.model import build_optimizer, count_parameters
+from backpack_train.model import build_optimizer
 from backpack_train.parallel import (
     Parallelism,
     ShardedTrainingState,

@@ -51,8 +51,3 @@ def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim
     """AdamW as in the paper (default betas), with decoupled weight decay on matrices only."""
     return torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Unique trainable parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
