@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from configuration_backpack_gpt2 import is_backpack_config
+from configuration_backpack_gpt2 import GPT2_VOCAB_SIZE, is_backpack_config
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -208,7 +208,7 @@ def estimate_parameters(config: dict) -> int:
     network ``8d² + d·s·d + s·d·k·d`` (its block's FFN is 4d wide; s the intermediate scale, k the senses) and
     the weight network ``2d²``, plus biases and layer norms.
     """
-    vocab, embd = config.get("vocab_size", 50257), config.get("n_embd", 768)
+    vocab, embd = config.get("vocab_size", GPT2_VOCAB_SIZE), config.get("n_embd", 768)
     layers, positions = config.get("n_layer", 12), config.get("n_positions", 1024)
     inner = config.get("n_inner") or 4 * embd
     count = vocab * embd + positions * embd + layers * (4 * embd * embd + 2 * embd * inner + 9 * embd + inner)
