@@ -18,7 +18,7 @@ import torch
 from forked_trainer import TINY, ForkedTrainer
 from safetensors.torch import load_file
 
-from backpack_train.checkpointing import checkpoint_dirs, read_training_state
+from backpack.checkpoints import checkpoint_dirs, read_training_state
 
 REPO = Path(__file__).resolve().parents[1]
 # Dropout off: the only difference a topology makes is then the order of float sums. The schedule is 1,000 steps,
