@@ -8,20 +8,18 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from configuration_backpack_gpt2 import MODEL_SIZES as REGISTERED_SIZES
-from configuration_backpack_gpt2 import BackpackGPT2Config
+from configuration_backpack_gpt2 import TEST_SIZES, BackpackGPT2Config
 from modeling_backpack_gpt2 import BackpackGPT2LMHeadModel
 
-# The registry's sizes (paper Table 9, plus nano), and "tiny" for smoke runs: nano with 2 layers and 2 heads.
+# The sizes `BackpackGPT2Config.from_size` knows: the registry's (paper Table 9, plus nano) and tiny for smoke runs.
 # Every Backpack has 16 senses and GPT-2's padded vocabulary (the configuration's defaults).
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    **REGISTERED_SIZES, "tiny": {**REGISTERED_SIZES["nano"], "n_layer": 2, "n_head": 2},
-}
+MODEL_SIZES: dict[str, dict[str, int]] = {**REGISTERED_SIZES, **TEST_SIZES}
 BASE_POSITIONS = 512
 
 
 def backpack_config(name: str, n_positions: int = BASE_POSITIONS, attn: str = "sdpa") -> BackpackGPT2Config:
     """Backpack configuration of a named size, reading `n_positions` positions."""
-    return BackpackGPT2Config(**{**MODEL_SIZES[name], "n_positions": n_positions}, attn_implementation=attn)
+    return BackpackGPT2Config.from_size(name, n_positions=n_positions, attn_implementation=attn)
 
 
 def gpt2_config(name: str, n_positions: int = BASE_POSITIONS, attn: str = "sdpa") -> GPT2Config:
@@ -52,11 +50,6 @@ def meta_models(name: str, n_positions: int) -> tuple[BackpackGPT2LMHeadModel, G
         gpt2 = GPT2LMHeadModel(gpt2_config(name, n_positions))
     gpt2.loss_type = "ForCausalLM"
     return backpack, gpt2
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 @dataclass

@@ -31,7 +31,8 @@ import transformers
 from tqdm import tqdm
 
 from backpack.files import write_json_atomically
-from backpack_bench.configs import MODEL_SIZES, BenchSizes, build_models, default_sizes, meta_models, parameter_count
+from backpack.loading import count_parameters
+from backpack_bench.configs import MODEL_SIZES, BenchSizes, build_models, default_sizes, meta_models
 from backpack_bench.data import DATA_SOURCES, TokenBatches
 from backpack_bench.measure import (
     COMPILE_BACKENDS,
@@ -56,6 +57,7 @@ from backpack_bench.report import (
     plot_ratios,
     target_met,
 )
+from configuration_backpack_gpt2 import GPT2_PADDED_VOCAB_SIZE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,6 +209,45 @@ def with_ratios(results: dict) -> dict:
             "targets_met": {key: target_met(key, ratios[key]) for key in RATIO_KEYS}}
 
 
+def run_metadata(
+    args: argparse.Namespace, sizes: BenchSizes, models: tuple[torch.nn.Module, torch.nn.Module],
+    data: TokenBatches | None, *, n_positions: int, dtype: torch.dtype, sections: Sequence[str],
+    modes: Sequence[str],
+) -> dict:
+    """What a results file says about its run: machine, library versions, models, data and benchmark sizes."""
+    device = torch.device(args.device)
+    backpack, gpt2 = models
+    return {
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git": git_revision(),
+        "threads": torch.get_num_threads(),
+        "config": args.config,
+        "model_size": MODEL_SIZES[args.config],
+        "num_senses": backpack.config.num_senses,
+        "n_positions": n_positions,
+        "parameters": {"backpack": count_parameters(backpack), "gpt2": count_parameters(gpt2)},
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": args.attn,
+        "data": args.data,
+        "data_note": ("real text: GPT-2 tokens of gensim's shipped sample; the Backpack's sense network "
+                      "runs once per distinct token") if args.data != "random" else "uniform random token ids",
+        "distinct_token_fraction": {
+            f"{sizes.forward_batch}x{sizes.seq}": data.distinct_fraction(sizes.forward_batch, sizes.seq)
+        } if data is not None else {},
+        "quick": args.quick,
+        "sense_table": args.sense_table,
+        "sizes": sizes.as_dict(),
+        "sections": list(sections),
+        "generate_modes": list(modes),
+        "compile_backend": args.compile_backend,
+        "timing": "interleaved repetitions after warm-up, medians compared"
+                  + ("; CUDA-synchronised" if device.type == "cuda" else ""),
+    }
+
+
 def run_benchmarks(
     args: argparse.Namespace, sizes: BenchSizes, on_partial: Callable[[dict], None] | None = None
 ) -> dict:
@@ -230,42 +271,15 @@ def run_benchmarks(
     if set(sections) <= {"train_cost"}:  # counting alone: it reads its own corpus and needs no weights
         data, (backpack, gpt2) = None, meta_models(args.config, n_positions)
     else:
-        data = TokenBatches(args.data, need_tokens, 50264, args.seed)
+        data = TokenBatches(args.data, need_tokens, GPT2_PADDED_VOCAB_SIZE, args.seed)
         backpack, gpt2 = build_models(args.config, n_positions, args.attn, device, dtype, args.seed)
     if args.sense_table:
         backpack.precompute_senses()  # training steps (with gradients) still run the sense network
 
     results: dict = {
         "device": device.type,
-        "meta": {
-            "device_name": device_name(device),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "git": git_revision(),
-            "threads": torch.get_num_threads(),
-            "config": args.config,
-            "model_size": MODEL_SIZES[args.config],
-            "num_senses": backpack.config.num_senses,
-            "n_positions": n_positions,
-            "parameters": {"backpack": parameter_count(backpack), "gpt2": parameter_count(gpt2)},
-            "dtype": str(dtype).removeprefix("torch."),
-            "attn_implementation": args.attn,
-            "data": args.data,
-            "data_note": ("real text: GPT-2 tokens of gensim's shipped sample; the Backpack's sense network "
-                          "runs once per distinct token") if args.data != "random" else "uniform random token ids",
-            "distinct_token_fraction": {
-                f"{sizes.forward_batch}x{sizes.seq}": data.distinct_fraction(sizes.forward_batch, sizes.seq)
-            } if data is not None else {},
-            "quick": args.quick,
-            "sense_table": args.sense_table,
-            "sizes": sizes.as_dict(),
-            "sections": list(sections),
-            "generate_modes": list(modes),
-            "compile_backend": args.compile_backend,
-            "timing": "interleaved repetitions after warm-up, medians compared"
-                      + ("; CUDA-synchronised" if device.type == "cuda" else ""),
-        },
+        "meta": run_metadata(args, sizes, (backpack, gpt2), data, n_positions=n_positions, dtype=dtype,
+                             sections=sections, modes=modes),
     }
     bar = tqdm(total=progress_total(sections, sizes, modes), desc="bench", unit="step", file=sys.stderr)
 
