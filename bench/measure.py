@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -23,8 +22,10 @@ from backpack_train.distinct_words import (
     sample_step_counts,
 )
 from backpack_train.loss import step_gradients
+from configuration_backpack_gpt2 import GPT2_END_OF_TEXT as EOS
+from configuration_backpack_gpt2 import GPT2_PADDED_VOCAB_SIZE
+from modeling_backpack_gpt2 import CACHE_ARGUMENT
 
-GPT2_EOS = 50256
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # Generation variants: "default" = both models' generate() with their default cache (interleaved); "recompute" =
 # the published code's loop without a cache; "static" = generate(cache_implementation="static") without any
@@ -60,7 +61,7 @@ def train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, ids: to
 def collate(blocks: torch.LongTensor | np.ndarray) -> dict[str, torch.Tensor]:
     """Packed blocks (batch, n + 1) -> a CPU micro-batch, by the trainer's own collator (inputs `block[:-1]`,
     targets `block[1:]`)."""
-    return collate_blocks([{"input_ids": row} for row in np.asarray(blocks).tolist()], GPT2_EOS)
+    return collate_blocks([{"input_ids": row} for row in np.asarray(blocks).tolist()], EOS)
 
 
 def trainer_distinct_words(model: torch.nn.Module, buckets: tuple[int, ...],
@@ -104,7 +105,7 @@ def cached_generate(model: PreTrainedModel, prompt: torch.LongTensor, new_tokens
     with torch.inference_mode():
         return model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=GPT2_EOS, eos_token_id=GPT2_EOS,
+            do_sample=False, pad_token_id=EOS, eos_token_id=EOS,
         )
 
 
@@ -118,7 +119,7 @@ def static_generate(model: PreTrainedModel, prompt: torch.LongTensor, new_tokens
     with torch.inference_mode():
         return model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=GPT2_EOS, eos_token_id=GPT2_EOS, cache_implementation="static",
+            do_sample=False, pad_token_id=EOS, eos_token_id=EOS, cache_implementation="static",
             disable_compile=True,
         )
 
@@ -132,7 +133,7 @@ def full_recompute_generate(model: PreTrainedModel, prompt: torch.LongTensor, ne
     with torch.inference_mode():
         for _ in range(new_tokens):
             logits = model(ids, use_cache=False).logits[:, -1]
-            logits[:, GPT2_EOS] = -float("inf")
+            logits[:, EOS] = -float("inf")
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids
 
@@ -189,11 +190,6 @@ def compiled_forward(model: PreTrainedModel, backend: str = "inductor") -> Itera
         torch._dynamo.reset()
 
 
-def cache_argument(model: PreTrainedModel) -> str:
-    """The forward argument that takes a cache: `cache` on newer transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def decode_step_fn(model: PreTrainedModel, ids: torch.LongTensor, position: int) -> Callable[[], object]:
     """One cached decoding step at `position` (the cache holds `position` tokens), undone after each call.
 
@@ -202,13 +198,12 @@ def decode_step_fn(model: PreTrainedModel, ids: torch.LongTensor, position: int)
     """
     with torch.inference_mode():
         output = model(ids[:, :position], use_cache=True)
-    cache = output.get("cache") or output.get("past_key_values")
+    cache = output[CACHE_ARGUMENT]
     token = ids[:, position : position + 1]
-    argument = cache_argument(model)
 
     def run() -> object:
         with torch.inference_mode():
-            logits = model(token, use_cache=True, **{argument: cache}).logits
+            logits = model(token, use_cache=True, **{CACHE_ARGUMENT: cache}).logits
         cache.crop(-1)
         return logits
 
@@ -587,14 +582,14 @@ def bench_train_cost(config_name: str, sizes: BenchSizes, data_source: str, seed
     seq, batch = sizes.seq, sizes.train_cost_batch
     accumulation = max(1, round(sizes.train_cost_tokens / (batch * seq)))
     blocks_per_step = accumulation * batch
-    blocks = packed_blocks(data_source, seq + 1, 50264, seed, min_blocks=blocks_per_step)
+    blocks = packed_blocks(data_source, seq + 1, GPT2_PADDED_VOCAB_SIZE, seed, min_blocks=blocks_per_step)
     order = np.random.default_rng(seed).permutation(len(blocks))
     micro_batches = [collate(part) for part in np.split(blocks[np.resize(order, blocks_per_step)], accumulation)]
     tokens = blocks_per_step * seq
     backpack, gpt2 = meta_models(config_name, seq)
     vocab_size = backpack.config.vocab_size
-    step_counts = sample_step_counts(lambda indices: blocks[indices], len(blocks), blocks_per_step, GPT2_EOS, seed)
-    micro_counts = sample_step_counts(lambda indices: blocks[indices], len(blocks), batch, GPT2_EOS, seed)
+    step_counts = sample_step_counts(lambda indices: blocks[indices], len(blocks), blocks_per_step, EOS, seed)
+    micro_counts = sample_step_counts(lambda indices: blocks[indices], len(blocks), batch, EOS, seed)
     step_buckets_ = calibrated_buckets(step_counts, tokens, vocab_size)
     micro_buckets = calibrated_buckets(micro_counts, batch * seq, vocab_size)
 
