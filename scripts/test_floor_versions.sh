@@ -23,8 +23,22 @@ VENV=${VENV:-${TMPDIR:-/tmp}/backpack-floor-venv}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "Installing torch $TORCH and transformers $TRANSFORMERS into $VENV ..."
 python -m pip install --quiet "torch==$TORCH" "transformers==$TRANSFORMERS"
-# The project on top, without letting pip move either of them.
-python -m pip install --quiet -e '.[export,peft]' pytest accelerate "torch==$TORCH" "transformers==$TRANSFORMERS"
+# The project on top, then its other requirements (the core, the export and peft extras, accelerate and pytest),
+# without letting pip move torch or transformers: a pair below setup.py's floors can be tried too.
+python -m pip install --quiet --no-deps -e .
+requirements=$(python - <<'PY'
+import re
+from importlib.metadata import requires
+
+for requirement in requires("backpack-gpt2"):
+    name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+    extra = re.search(r'extra == "([^"]+)"', requirement)
+    if name not in ("torch", "transformers") and (extra is None or extra.group(1) in ("export", "peft")):
+        print(requirement.split(";")[0].replace(" ", ""))
+PY
+)
+# shellcheck disable=SC2086  # one requirement a word
+python -m pip install --quiet $requirements pytest accelerate "torch==$TORCH" "transformers==$TRANSFORMERS"
 python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 python -m pytest -q tests/test_model.py tests/test_model_decoding.py tests/test_model_conventions.py \
     tests/test_model_hygiene.py "$@"
