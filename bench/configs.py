@@ -88,7 +88,7 @@ class BenchSizes:
 
 
 def default_sizes(quick: bool, device: str) -> BenchSizes:
-    """Benchmark sizes for a device; `quick` is the CI smoke test (< 3 minutes on 2 CPU cores, micro)."""
+    """Benchmark sizes for a device; `quick` is the CI smoke test (micro; ~6 minutes on 2 CPU cores)."""
     if device == "cuda":
         sizes = BenchSizes(
             forward_batch=32, train_batch=32, recompute_batches=(1, 8), memory_batch=8, reps=10, generate_reps=3,

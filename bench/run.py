@@ -72,7 +72,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (< 3 min on 2 CPU cores, micro)")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (micro; ~6 min on 2 CPU cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="default: float32 on CPU, bfloat16 on CUDA")
