@@ -84,9 +84,13 @@ class ValidationReport:
 
 def reference_batch(model: BackpackGPT2LMHeadModel, tokenizer) -> dict[str, torch.Tensor]:
     """A fixed input (the prompt, plus a left-padded shorter copy) and the checkpoint's logits for it."""
-    ids = tokenizer(VALIDATION_PROMPT, add_special_tokens=False).input_ids[: model.config.n_positions]
+    # Any ids the model accepts make a fair comparison; a vocabulary smaller than the tokenizer's gets them folded in.
+    vocab_size = model.config.vocab_size
+    ids = [i % vocab_size for i in tokenizer(VALIDATION_PROMPT, add_special_tokens=False).input_ids]
+    ids = ids[: model.config.n_positions]
     short = ids[: max(1, len(ids) // 2)]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (model.config.eos_token_id or 0)
+    pad %= vocab_size
     input_ids = torch.tensor([ids, [pad] * (len(ids) - len(short)) + short])
     attention_mask = torch.tensor([[1] * len(ids), [0] * (len(ids) - len(short)) + [1] * len(short)])
     with torch.no_grad():

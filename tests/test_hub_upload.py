@@ -942,3 +942,12 @@ def test_update_code_http_403_on_the_pull_request_is_a_clear_error(published, hu
     assert hub_upload.main(["--update-code", PUBLISHED_ID, "--token", "hf_test"]) == 6
     err = capsys.readouterr().err
     assert "opening the pull request" in err and "403 Forbidden" in err and "pull requests are disabled" in err
+
+
+def test_reference_batch_fits_a_vocabulary_smaller_than_the_tokenizers():
+    """A Backpack trained on a small vocabulary is validated with ids it accepts, not GPT-2's (an index error)."""
+    model = tiny_model(0, vocab_size=512, n_positions=32).eval()
+    reference = reference_batch(model, gpt2_tokenizer(model_max_length=32))
+    assert int(reference["input_ids"].max()) < 512
+    assert reference["logits"].shape[:2] == reference["input_ids"].shape
+    assert torch.isfinite(reference["logits"]).all()
