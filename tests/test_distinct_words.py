@@ -172,3 +172,21 @@ def test_ddp_step_synchronises_the_per_token_gradients(tmp_path):
     for shared in (False, True):
         grads = load_file(str(tmp_path / f"shared_{shared}.safetensors"))
         assert_same_gradients(expected, {name: grads[name] for name in expected})
+
+
+def test_distinct_word_arguments_are_checked():
+    model = tiny_model().eval()
+    ids = torch.tensor([[3, 4, 3]])
+    index, words = torch.tensor([[0, 1, 0]]), torch.tensor([3, 4])
+    with pytest.raises(ValueError, match="need sense_index"):
+        model(ids, sense_words=words)
+    with pytest.raises(ValueError, match="sense_index has shape"):
+        model(ids, sense_index=index[:, :2], sense_words=words)
+    with pytest.raises(ValueError, match="exactly one of sense_words"):
+        model(ids, sense_index=index)
+    with pytest.raises(ValueError, match=r"word_senses must have shape \(words, 4, 32\)"):
+        model(ids, sense_index=index, word_senses=torch.zeros(2, 4, 16))
+    with pytest.raises(ValueError, match="sense_index needs input_ids"):
+        model(inputs_embeds=torch.zeros(1, 3, 32), sense_index=index, sense_words=words)
+    table = model.backpack.word_senses(words)
+    assert torch.allclose(model(ids, sense_index=index, word_senses=table).logits, model(ids).logits, atol=1e-6)
