@@ -35,7 +35,7 @@ This module imports only torch and transformers, so it travels to the Hub on its
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -535,6 +535,81 @@ def fused_weighted_sense_sum(
     return output.sum(dim=1)
 
 
+# The CPU's fused kernel pads q and k to the senses' width d (one head size for q, k and v), which doubles its
+# work: k·n²·d for the scores as well as for the values. Blocks of queries that stop at the diagonal compute the
+# scores at their own width (d/k) and skip most of the masked half.
+CAUSAL_SENSE_SUM_BLOCK = 64  # queries per block: α of one block is (batch, k, 64, ≤ seq), never (batch, k, seq, seq)
+
+
+def _causal_blocks(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, block: int
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Each block of queries with its causal α over the keys up to its last query, recomputed on demand.
+
+    Yields (start, stop, α) with α (batch, k, stop - start, stop) in float32 at least, masked entries exactly 0.
+    """
+    seq_length = queries.shape[2]
+    positions = torch.arange(seq_length, device=queries.device)
+    for start in range(0, seq_length, block):
+        stop = min(start + block, seq_length)
+        scores = torch.matmul(queries[:, :, start:stop], keys[:, :, :stop].transpose(-1, -2)) * scaling
+        later = positions[None, :stop] > positions[start:stop, None]
+        scores = scores.masked_fill(later, torch.finfo(scores.dtype).min)
+        yield start, stop, torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+
+
+def _flat_weights(weights: torch.Tensor) -> torch.Tensor:
+    """α (batch, k, query, key) -> (batch, query, key·k), ordered as the flat values (key j, sense ℓ) -> j·k + ℓ."""
+    batch_size, num_senses, query_length, key_length = weights.shape
+    return weights.permute(0, 2, 3, 1).reshape(batch_size, query_length, key_length * num_senses)
+
+
+class BlockwiseCausalSenseSum(torch.autograd.Function):
+    """o = Σ_ℓ softmax(q_ℓ k_ℓᵀ · scaling + causal) @ C[ℓ], a block of queries at a time, α recomputed in backward.
+
+    For one block of queries, the sum over (sense, key) pairs is one matmul: α (batch, query, key·k) @
+    C (batch, key·k, d), with C in its natural (batch, key, k, d) layout. Backward recomputes each block's α
+    (the scores are d/k wide, so recomputing them costs 1/k of the sum) rather than keeping it: memory stays
+    that of the fused kernel's, one block's α at a time.
+
+    Shapes: queries (batch, k, seq, d/k), keys (batch, k, seq, d/k), senses (batch, k, seq, d) -> o (batch, seq, d).
+    """
+
+    @staticmethod
+    def forward(ctx, queries: torch.Tensor, keys: torch.Tensor, senses: torch.Tensor, scaling: float,
+                block: int) -> torch.Tensor:
+        batch_size, num_senses, seq_length, embed_dim = senses.shape
+        values = senses.transpose(1, 2).reshape(batch_size, seq_length * num_senses, embed_dim)
+        output = senses.new_empty(batch_size, seq_length, embed_dim)
+        for start, stop, weights in _causal_blocks(queries, keys, scaling, block):
+            torch.bmm(_flat_weights(weights.to(values.dtype)), values[:, : stop * num_senses],
+                      out=output[:, start:stop])
+        ctx.save_for_backward(queries, keys, values)
+        ctx.scaling, ctx.block = scaling, block
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        queries, keys, values = ctx.saved_tensors
+        batch_size, num_senses, seq_length, _ = queries.shape
+        grad_queries, grad_keys = torch.zeros_like(queries), torch.zeros_like(keys)
+        grad_values = torch.zeros_like(values)
+        for start, stop, weights in _causal_blocks(queries, keys, ctx.scaling, ctx.block):
+            grad_block = grad_output[:, start:stop].to(values.dtype)
+            grad_values[:, : stop * num_senses].baddbmm_(_flat_weights(weights.to(values.dtype)).transpose(1, 2),
+                                                         grad_block)
+            # dα = dO @ Cᵀ, back in α's layout; softmax backward: ds = α (dα - Σ_j α dα).
+            grad_weights = torch.bmm(grad_block, values[:, : stop * num_senses].transpose(1, 2))
+            grad_weights = grad_weights.view(batch_size, stop - start, stop, num_senses).permute(0, 3, 1, 2)
+            grad_scores = weights * (grad_weights - (grad_weights * weights).sum(dim=-1, keepdim=True))
+            grad_scores = (grad_scores * ctx.scaling).to(queries.dtype)
+            grad_queries[:, :, start:stop] = torch.matmul(grad_scores, keys[:, :, :stop])
+            grad_keys[:, :, :stop] += torch.matmul(grad_scores.transpose(-1, -2), queries[:, :, start:stop])
+        grad_senses = grad_values.view(batch_size, seq_length, num_senses, -1).transpose(1, 2)
+        return grad_queries, grad_keys, grad_senses, None, None
+
+
+
 def sense_sum(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -549,6 +624,7 @@ def sense_sum(
 
     - `materialize` (α is wanted, or the eager implementation is asked for): α formed, then summed;
     - `decoding_step` (one new token after cached ones): α is small, one matmul over (sense, key) pairs;
+    - causal from position 0 on a CPU, eager: blocks of queries (`BlockwiseCausalSenseSum`), α never kept;
     - otherwise: fused attention with the senses as values, α never formed.
 
     `allowed=None` means causal from position `past_length` over every key. Shapes: queries (batch, k, query, d/k),
@@ -562,6 +638,10 @@ def sense_sum(
         return weighted_sense_sum(contextualization, senses), contextualization
     if decoding_step:
         return decoding_step_sense_sum(queries, keys, senses, allowed, scaling), None
+    if (allowed is None and isinstance(past_length, int) and past_length == 0 and queries.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        # Compiled graphs and exporters keep the fused kernel: one operator they know.
+        return BlockwiseCausalSenseSum.apply(queries, keys, senses, scaling, CAUSAL_SENSE_SUM_BLOCK), None
     return fused_weighted_sense_sum(queries, keys, senses, allowed, scaling), None
 
 

@@ -64,7 +64,7 @@ def collate(blocks: torch.LongTensor | np.ndarray) -> dict[str, torch.Tensor]:
     return collate_blocks([{"input_ids": row} for row in np.asarray(blocks).tolist()], EOS)
 
 
-def trainer_distinct_words(model: torch.nn.Module, buckets: tuple[int, ...],
+def trainer_distinct_words(model: torch.nn.Module, buckets: tuple[int, ...] | None,
                            shared: bool = True) -> DistinctWordSenses | None:
     """The trainer's distinct-word senses for a Backpack (one table per optimizer step when `shared`, else per
     micro-batch); None for GPT-2. `model` may be compiled (`torch.compile` keeps the module as `_orig_mod`)."""
@@ -358,11 +358,11 @@ def bench_trainer_step(backpack, gpt2, data: TokenBatches, sizes: BenchSizes, de
     per token (`--distinct_word_senses false`) and GPT-2, interleaved; tokens per second of each."""
     micro_batches = trainer_micro_batches(data, sizes)
     tokens = sum(batch["input_ids"].numel() for batch in micro_batches)
-    buckets = step_buckets(micro_batches, backpack.config.vocab_size)
-    plan = plan_distinct_words([batch["input_ids"].numpy() for batch in micro_batches], buckets,
+    # Eager, as the trainer without --compile: the step's exact word list, no padding to a bucket.
+    plan = plan_distinct_words([batch["input_ids"].numpy() for batch in micro_batches], None,
                                backpack.config.vocab_size)
     backpack_optimizer, gpt2_optimizer = make_optimizer(backpack), make_optimizer(gpt2)
-    senses = trainer_distinct_words(backpack, buckets)
+    senses = trainer_distinct_words(backpack, None)
     candidates = {
         "backpack": lambda: trainer_step(backpack, backpack_optimizer, micro_batches, device, senses),
         "backpack_per_token": lambda: trainer_step(backpack, backpack_optimizer, micro_batches, device),
@@ -380,7 +380,7 @@ def bench_trainer_step(backpack, gpt2, data: TokenBatches, sizes: BenchSizes, de
         gc.collect()
     results: dict = {"batch": sizes.train_batch, "seq": sizes.seq, "micro_batches": sizes.train_micro_batches,
                      "tokens_per_step": tokens, "distinct_words": plan.distinct,
-                     "word_list_padded_to": int(plan.words.numel())}
+                     "word_list_length": int(plan.words.numel())}
     for name, seconds in times.items():
         summary = summarize(seconds)
         results[name] = {**summary, "tokens_per_s": tokens / summary["median_s"]}

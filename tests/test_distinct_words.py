@@ -65,6 +65,10 @@ def test_word_lists_reconstruct_every_token_and_pad_to_a_bucket():
         plan_distinct_words([np.array([[1, 96]])], (8,), VOCAB)
     with pytest.raises(ValueError, match="exceed the largest bucket"):
         plan_distinct_words([np.arange(20)[None]], (8, 16), VOCAB)
+    exact = plan_distinct_words(ids, None, VOCAB)  # eager steps: no bucket, no padding
+    assert exact.words.tolist() == [1, 5, 7, 9]
+    for host, index in zip(ids, exact.indices):
+        assert torch.equal(exact.words[index], torch.from_numpy(host))
 
 
 def test_buckets_double_from_the_calibrated_size_up_to_what_any_step_needs():

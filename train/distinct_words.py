@@ -3,9 +3,9 @@
 The senses C(x) depend on the word x alone, and text repeats words: a step of 131,072 tokens of the embedded
 corpus (256 random blocks of 512, as the trainer draws them) holds about 13 % distinct words. The data side knows
 every token id of a step before the device does, so the host lists the step's distinct words and each token's row
-among them (:func:`plan_distinct_words`); the list is padded to one of a few fixed sizes (:func:`word_buckets`),
-so that a compiled forward sees the same shapes step after step and no `torch.unique` stalls the device or breaks
-the graph.
+among them (:func:`plan_distinct_words`), and no `torch.unique` stalls the device or breaks a graph. For a compiled
+forward the list is padded to one of a few fixed sizes (:func:`word_buckets`), so that it sees the same shapes step
+after step; an eager step takes the list as it is (padding would only add sense-network work).
 
 Within an optimizer step of several micro-batches (:class:`DistinctWordSenses`):
 
@@ -109,13 +109,14 @@ def dataset_buckets(dataset, blocks_per_step: int, vocab_size: int, eos_token_id
     return calibrated_buckets(counts, tokens, vocab_size)
 
 
-def plan_distinct_words(host_ids: Sequence[np.ndarray], buckets: Sequence[int], vocab_size: int,
+def plan_distinct_words(host_ids: Sequence[np.ndarray], buckets: Sequence[int] | None, vocab_size: int,
                         device: torch.device | str = "cpu") -> WordPlan:
     """The distinct words of several micro-batches' input ids (host arrays) and each position's row, on `device`.
 
     O(tokens + vocab) with a presence table rather than a sort. The list is padded with word 0 to the smallest
-    bucket that holds it. Token ids outside [0, vocab_size) are an error here, on the host, which is why the model
-    need not read the ids back from the device.
+    bucket that holds it; `buckets=None` leaves it as it is (eager steps: no static shape needed). Token ids
+    outside [0, vocab_size) are an error here, on the host, which is why the model need not read the ids back from
+    the device.
     """
     flat = np.concatenate([np.asarray(ids).reshape(-1) for ids in host_ids])
     if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
@@ -124,7 +125,7 @@ def plan_distinct_words(host_ids: Sequence[np.ndarray], buckets: Sequence[int], 
     present = np.zeros(vocab_size, dtype=bool)
     present[flat] = True
     words = np.flatnonzero(present)
-    size = next((bucket for bucket in buckets if bucket >= words.size), None)
+    size = words.size if buckets is None else next((bucket for bucket in buckets if bucket >= words.size), None)
     if size is None:
         raise ValueError(f"{words.size} distinct words exceed the largest bucket ({max(buckets)})")
     row = np.zeros(vocab_size, dtype=np.int64)
@@ -159,7 +160,8 @@ class DistinctWordSenses:
     """The forward arguments that make a Backpack run its sense network once per distinct word of a step.
 
     Args:
-        buckets: word-list sizes (:func:`word_buckets`), the same on every process.
+        buckets: word-list sizes (:func:`word_buckets`), the same on every process, for compiled forwards; None
+            for the exact lists (eager).
         vocab_size: the model's vocabulary (token ids are checked against it on the host).
         word_senses: the model's ``BackpackGPT2Model.word_senses`` (unwrapped), to share one table across the
             micro-batches of a step; None computes one table per micro-batch inside each forward.
@@ -167,10 +169,10 @@ class DistinctWordSenses:
             ``accelerator.autocast``), so that it has the dtype the forward would give it.
     """
 
-    def __init__(self, buckets: Sequence[int], vocab_size: int,
+    def __init__(self, buckets: Sequence[int] | None, vocab_size: int,
                  word_senses: Callable[[torch.LongTensor], torch.Tensor] | None = None,
                  autocast: Callable[[], AbstractContextManager] = nullcontext):
-        self.buckets = tuple(sorted(buckets))
+        self.buckets = tuple(sorted(buckets)) if buckets is not None else None
         self.vocab_size = vocab_size
         self.word_senses = word_senses
         self.autocast = autocast
@@ -210,14 +212,16 @@ class DistinctWordSenses:
 
 
 def training_distinct_words(model: torch.nn.Module, train_split, batch_size: int, accumulation: int,
-                            block_length: int, seed: int, share: bool = True,
+                            block_length: int, seed: int, share: bool = True, static_shapes: bool = False,
                             autocast: Callable[[], AbstractContextManager] = nullcontext) -> DistinctWordSenses:
     """The trainer's distinct-word senses for a Backpack (`model` unwrapped): one table per optimizer step of
-    `accumulation` micro-batches of `batch_size` packed blocks when `share` (no FSDP), else one per micro-batch,
-    with word-list sizes calibrated on sampled steps of `train_split`."""
+    `accumulation` micro-batches of `batch_size` packed blocks when `share` (no FSDP), else one per micro-batch.
+    With `static_shapes` (a compiled forward) the word lists are padded to sizes calibrated on sampled steps of
+    `train_split`; otherwise each step's list is exact."""
     shared = share and accumulation > 1
     blocks = batch_size * (accumulation if shared else 1)
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else 0
-    buckets = dataset_buckets(train_split, blocks, model.config.vocab_size, eos, seed, block_length)
+    buckets = (dataset_buckets(train_split, blocks, model.config.vocab_size, eos, seed, block_length)
+               if static_shapes else None)
     return DistinctWordSenses(buckets, model.config.vocab_size, model.backpack.word_senses if shared else None,
                               autocast)

@@ -335,13 +335,15 @@ def distinct_word_senses(run: Run, train_split) -> DistinctWordSenses | None:
         return None
     distinct_words = training_distinct_words(
         run.accelerator.unwrap_model(run.model), train_split, args.batch_size, run.layout.accumulation,
-        args.n_positions + 1, args.seed, share=not plan.sharded, autocast=run.accelerator.autocast)
-    if args.compile:
+        args.n_positions + 1, args.seed, share=not plan.sharded, static_shapes=args.compile,
+        autocast=run.accelerator.autocast)
+    lists = "exact word lists (eager)"
+    if distinct_words.buckets is not None:
         # Each word-list size a run meets is a graph of its own (one more in the step's last micro-batch).
         expect_graphs(torch._dynamo.config.recompile_limit + 2 * len(distinct_words.buckets))
+        lists = f"word lists padded to {' / '.join(f'{size:,}' for size in distinct_words.buckets)} words"
     run.accelerator.print(f"distinct-word senses: the sense network runs once per distinct word of each "
-                          f"{'step' if distinct_words.word_senses else 'micro-batch'}, word lists padded to "
-                          f"{' / '.join(f'{size:,}' for size in distinct_words.buckets)} words")
+                          f"{'step' if distinct_words.word_senses else 'micro-batch'}, {lists}")
     return distinct_words
 
 
