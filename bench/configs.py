@@ -74,6 +74,8 @@ class BenchSizes:
     memory_seqs: tuple[int, ...] = (512, 1024)
     memory_batch: int = 4
     memory_paths: tuple[str, ...] = ("fused", "materialized", "gpt2")  # gpt2: reference only
+    # the trainer section's steps: Backpack (distinct-word senses), Backpack per token, GPT-2
+    trainer_candidates: tuple[str, ...] = ("backpack", "backpack_per_token", "gpt2")
     warmup: int = 1
     reps: int = 5
     generate_reps: int = 3
@@ -82,6 +84,11 @@ class BenchSizes:
     table7_batch: int = 32
     table7_reps: int = 100
     notes: list[str] = field(default_factory=list)
+
+    # The values a tuple-valued size may hold (`--size trainer_candidates=backpack,gpt2`).
+    CHOICES = {"memory_paths": ("fused", "materialized", "gpt2"),
+               "trainer_candidates": ("backpack", "backpack_per_token", "gpt2")}
+    REQUIRED = {"trainer_candidates": ("backpack", "gpt2")}  # the ratio needs both
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -368,6 +368,7 @@ def bench_trainer_step(backpack, gpt2, data: TokenBatches, sizes: BenchSizes, de
         "backpack_per_token": lambda: trainer_step(backpack, backpack_optimizer, micro_batches, device),
         "gpt2": lambda: trainer_step(gpt2, gpt2_optimizer, micro_batches, device),
     }
+    candidates = {name: step for name, step in candidates.items() if name in sizes.trainer_candidates}
     for model in (backpack, gpt2):
         model.train()
     try:
@@ -577,7 +578,8 @@ def bench_train_cost(config_name: str, sizes: BenchSizes, data_source: str, seed
     matrix, what the causal kernels both models run compute; the headline), ``full`` (the whole matrix, torch's
     count) and ``none`` (left out, as FlopCounterMode on a CPU leaves out the fused kernel). Beside the trainer's
     Backpack: the per-token path (`--distinct_word_senses false`: the FLOPs a per-token implementation spends, the
-    ones MFU is quoted on) and one table per micro-batch (the path under FSDP).
+    ones MFU is quoted on), one table per micro-batch (the path under FSDP) and the exact word list (eager training,
+    no padding to a bucket).
     """
     seq, batch = sizes.seq, sizes.train_cost_batch
     accumulation = max(1, round(sizes.train_cost_tokens / (batch * seq)))
@@ -607,6 +609,8 @@ def bench_train_cost(config_name: str, sizes: BenchSizes, data_source: str, seed
     shared = trainer_distinct_words(backpack, step_buckets_)
     counted["backpack"] = count(backpack, micro_batches, shared)  # the trainer's step: one table, M micro-batches
     plan = shared.last_plan
+    # Without --compile the trainer takes the step's exact word list: no padding to a bucket.
+    counted["backpack_exact_words"] = count(backpack, micro_batches, trainer_distinct_words(backpack, None))
     # One table per micro-batch: micro-batches padded to the same bucket cost the same.
     sizes_of = [plan_distinct_words([batch_["input_ids"].numpy()], micro_buckets, vocab_size).words.numel()
                 for batch_ in micro_batches]
@@ -636,7 +640,7 @@ def bench_train_cost(config_name: str, sizes: BenchSizes, data_source: str, seed
             for attention in ATTENTION_COUNTS},
         "backpack_variants_ratio": {
             name: per_token(counted[name], "causal") / per_token(counted["gpt2"], "causal")
-            for name in ("backpack_per_token", "backpack_table_per_micro_batch")},
+            for name in ("backpack_per_token", "backpack_table_per_micro_batch", "backpack_exact_words")},
         "micro_batches": accumulation,
         "batch": batch,
         "seq": seq,

@@ -1,7 +1,8 @@
 """Peak memory of one training step: the Backpack's fused sense sum vs the materialised one (and GPT-2).
 
-Fused = the default path (`scaled_dot_product_attention` with the senses as values: no (batch, senses, seq, seq)
-tensor). Materialised = the same model called with `output_contextualization=True`, which computes α
+Fused = the default path (`scaled_dot_product_attention` with the senses as values; on a CPU, for an unpadded batch,
+the blockwise causal sum `BlockwiseCausalSenseSum`, which keeps one block of queries' α at a time): no (batch, senses,
+seq, seq) tensor. Materialised = the same model called with `output_contextualization=True`, which computes α
 (batch, senses, query, key) and α @ C; the GPT-2 stack stays on sdpa in both, so only the sense sum differs.
 
 CPU: each case runs in a fresh subprocess (so one case's allocator state cannot leak into another) with

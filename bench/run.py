@@ -129,6 +129,10 @@ def override_sizes(sizes: BenchSizes, assignments: Sequence[str]) -> BenchSizes:
                 changes[key] = type(current)(value)
         except ValueError as error:
             raise SystemExit(f"--size {assignment!r}: {error}") from error
+        choices, required = BenchSizes.CHOICES.get(key), BenchSizes.REQUIRED.get(key, ())
+        if choices is not None and not set(required) <= set(changes[key]) <= set(choices):
+            need = f" (with {' and '.join(required)})" if required else ""
+            raise SystemExit(f"--size {assignment!r}: choose from {', '.join(choices)}{need}")
         if isinstance(changes[key], int) and changes[key] < (0 if key == "warmup" else 1):
             raise SystemExit(f"--size {assignment!r}: must be {'>= 0' if key == 'warmup' else '>= 1'}")
     if not changes:

@@ -99,6 +99,9 @@ def test_train_cost_counts_the_sense_network_once_per_distinct_word(monkeypatch)
     sense_network = 2 * (2 * 4 * d * d + scale * d * d + scale * d * k * d)  # forward FLOPs per word
     saved = 3 * sense_network * (2048 - 128) / 2048
     assert no_attention["backpack_per_token"] - no_attention["backpack"] == pytest.approx(saved, rel=1e-9)
+    # the exact list (eager training) runs the sense network on the 100 real words only, not the 28 of padding
+    unpadded = 3 * sense_network * 28 / 2048
+    assert no_attention["backpack"] - no_attention["backpack_exact_words"] == pytest.approx(unpadded, rel=1e-9)
     assert cost["ratio"] < cost["backpack_variants_ratio"]["backpack_table_per_micro_batch"] \
         < cost["backpack_variants_ratio"]["backpack_per_token"]
 
@@ -135,11 +138,15 @@ def test_partial_results_are_published_after_every_section():
 
 
 def test_size_overrides_take_the_field_type_and_reject_bad_input():
-    sizes = override_sizes(BenchSizes(), ["generate_reps=1", "generate_batches=1,8", "table7_configs=micro"])
+    sizes = override_sizes(BenchSizes(), ["generate_reps=1", "generate_batches=1,8", "table7_configs=micro",
+                                          "trainer_candidates=gpt2,backpack"])
     assert (sizes.generate_reps, sizes.generate_batches, sizes.table7_configs) == (1, (1, 8), ("micro",))
+    assert sizes.trainer_candidates == ("gpt2", "backpack")
     assert "sizes overridden" in sizes.notes[-1]
     for bad, message in (("reps", "KEY=VALUE"), ("nope=1", "KEY=VALUE"), ("reps=two", "invalid literal"),
-                         ("reps=0", ">= 1"), ("generate_batches=", "empty")):
+                         ("reps=0", ">= 1"), ("generate_batches=", "empty"),
+                         ("trainer_candidates=backpack", "with backpack and gpt2"),
+                         ("memory_paths=fused,flash", "choose from fused, materialized, gpt2")):
         with pytest.raises(SystemExit, match=message):
             override_sizes(BenchSizes(), [bad])
 
