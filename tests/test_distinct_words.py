@@ -80,7 +80,7 @@ def test_buckets_double_from_the_calibrated_size_up_to_what_any_step_needs():
 
 def test_word_lists_are_read_from_cpu_batches_and_sent_to_the_device():
     batch = micro_batches(1)[0]
-    arguments = DistinctWordSenses((64,), VOCAB).forward_arguments([batch], "meta")
+    arguments = list(DistinctWordSenses((64,), VOCAB).forward_arguments([batch], "meta"))
     assert arguments[0]["sense_index"].device.type == "meta" and arguments[0]["sense_words"].device.type == "meta"
     moved = {key: value.to("meta") for key, value in batch.items()}
     with pytest.raises(ValueError, match="read the token ids on the host: pass the CPU micro-batches"):

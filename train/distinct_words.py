@@ -9,15 +9,17 @@ after step; an eager step takes the list as it is (padding would only add sense-
 
 Within an optimizer step of several micro-batches (:class:`DistinctWordSenses`):
 
-    table  = C(E words)                      once per step: (words, k, d)
-    leaf   = table, detached                 micro-batches 1 .. M-1 read their rows from it; their backward
-                                             sums into leaf.grad and stops there
-    last   = table, carrying leaf.grad       micro-batch M reads the same values; its backward adds leaf.grad
-                                             and goes on through the sense network: one backward per step
+    table  = C(E words)               once per step: (words, k, d)
+    rows_m = table[index_m], detached micro-batches 1 .. M-1 read their positions' rows; their backward adds the
+                                      rows' gradient into one (words, k, d) accumulator and stops there
+    last   = table + accumulator      micro-batch M reads its rows from the table itself; its backward adds the
+                                      accumulator and goes on through the sense network: one backward per step
 
-so every parameter gets its gradient in the step's last backward, the one DDP synchronises. Under FSDP (which
-gathers parameters only inside the model's forward), with one micro-batch per step, and where the trainer asks
-for it, each micro-batch computes its own table inside its forward (``sense_words``) instead.
+so every parameter gets its gradient in the step's last backward, the one DDP synchronises. An earlier micro-batch
+costs an index_add of its own positions' rows, not a (words, k, d) gradient of its own (zeroed and summed again in
+every micro-batch: memory traffic that grows with the step's words). Under FSDP (which gathers parameters only
+inside the model's forward), with one micro-batch per step, and where the trainer asks for it, each micro-batch
+computes its own table inside its forward (``sense_words``) instead.
 
 The sense network's dropout then draws one mask per (word, step) (per micro-batch when not shared), not per
 token; with dropout 0 the gradients equal the per-token path's.
@@ -26,7 +28,7 @@ token; with dropout 0 the gradients equal the per-token path's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -142,18 +144,34 @@ def plan_distinct_words(host_ids: Sequence[np.ndarray], buckets: Sequence[int] |
     return WordPlan(words=to_device(padded), indices=indices, distinct=int(words.size))
 
 
-class _CarryStashedGradient(torch.autograd.Function):
-    """Identity on the table, whose backward adds the gradient the step's earlier micro-batches stashed."""
+class _StepTableRows(torch.autograd.Function):
+    """A micro-batch's rows of the step's table, (batch, seq) index -> (batch·seq, k, d): forward a gather, backward
+    an index_add of the rows' gradient into the step's accumulator (words, k, d); nothing flows further back."""
 
     @staticmethod
-    def forward(ctx, table: torch.Tensor, stashed: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+    def forward(ctx, table: torch.Tensor, index: torch.LongTensor, accumulator: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.accumulator = accumulator
+        return table.index_select(0, index.flatten())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None]:
+        (index,) = ctx.saved_tensors
+        ctx.accumulator.index_add_(0, index.flatten(), grad)
+        return None, None, None
+
+
+class _CarryStashedGradient(torch.autograd.Function):
+    """Identity on the table, whose backward adds the gradient the step's earlier micro-batches accumulated."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, stashed: torch.Tensor) -> torch.Tensor:
         ctx.stashed = stashed
         return table.view_as(table)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        stashed = ctx.stashed()
-        return (grad if stashed is None else grad + stashed), None
+        return grad + ctx.stashed, None
 
 
 class DistinctWordSenses:
@@ -179,12 +197,13 @@ class DistinctWordSenses:
         self.last_plan: WordPlan | None = None  # for reports: the most recent step's word list
 
     def forward_arguments(self, micro_batches: Sequence[dict],
-                          device: torch.device | str | None = None) -> list[dict]:
+                          device: torch.device | str | None = None) -> Iterator[dict]:
         """Per micro-batch, the keyword arguments for the model's forward (``sense_index`` and a table source), on
-        `device` (default: the CPU).
+        `device` (default: the CPU), one micro-batch at a time: take each when its forward runs.
 
         The token ids are read on the host: pass the CPU micro-batches, before they are moved to the device. With
-        a shared table, the table is computed here (the sense network's forward for the step).
+        a shared table, the table is computed here (the sense network's forward for the step); an earlier
+        micro-batch gets its own positions' rows as its table (``sense_index`` then counts its positions).
         """
         for batch in micro_batches:
             if batch["input_ids"].device.type != "cpu":
@@ -198,17 +217,25 @@ class DistinctWordSenses:
                 plan = plan_distinct_words([ids], self.buckets, self.vocab_size, device)
                 arguments.append({"sense_index": plan.indices[0], "sense_words": plan.words})
             self.last_plan = plan
-            return arguments
+            return iter(arguments)
         plan = plan_distinct_words(host, self.buckets, self.vocab_size, device)
         self.last_plan = plan
         with self.autocast():
             table = self.word_senses(plan.words)
             if device.type != "meta" and torch.is_autocast_enabled(device.type):  # float32 parameters: the table's
                 table = table.float()  # gradient accumulates over the micro-batches in float32, as theirs does
-        leaf = table.detach().requires_grad_()
-        last = _CarryStashedGradient.apply(table, lambda: leaf.grad)
-        tables = [leaf] * (len(micro_batches) - 1) + [last]
-        return [{"sense_index": index, "word_senses": senses} for index, senses in zip(plan.indices, tables)]
+        return _step_table_arguments(table, plan.indices)
+
+
+def _step_table_arguments(table: torch.Tensor, indices: Sequence[torch.LongTensor]) -> Iterator[dict]:
+    """The forward arguments of a step's micro-batches sharing `table` (words, k, d), made as each is taken, so
+    that only the running micro-batch's rows are held."""
+    accumulator = torch.zeros_like(table)
+    detached = table.detach().requires_grad_()  # requires grad only so that the rows' backward runs
+    for index in indices[:-1]:
+        positions = torch.arange(index.numel(), device=index.device).view_as(index)
+        yield {"sense_index": positions, "word_senses": _StepTableRows.apply(detached, index, accumulator)}
+    yield {"sense_index": indices[-1], "word_senses": _CarryStashedGradient.apply(table, accumulator)}
 
 
 def training_distinct_words(model: torch.nn.Module, train_split, batch_size: int, accumulation: int,
