@@ -589,7 +589,7 @@ class BlockwiseCausalSenseSum(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         queries, keys, values = ctx.saved_tensors
         batch_size, num_senses, seq_length, _ = queries.shape
         grad_queries, grad_keys = torch.zeros_like(queries), torch.zeros_like(keys)
@@ -607,7 +607,6 @@ class BlockwiseCausalSenseSum(torch.autograd.Function):
             grad_keys[:, :, :stop] += torch.matmul(grad_scores.transpose(-1, -2), queries[:, :, start:stop])
         grad_senses = grad_values.view(batch_size, seq_length, num_senses, -1).transpose(1, 2)
         return grad_queries, grad_keys, grad_senses, None, None
-
 
 
 def sense_sum(
