@@ -3,6 +3,7 @@ step that gives the per-token path's losses and gradients, eagerly, compiled (no
 DDP (2 gloo processes)."""
 
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -137,6 +138,7 @@ def _ddp_worker(rank: int, port: int, folder: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    wrapped = None
     try:
         torch.set_num_threads(1)
         model = tiny_model()
@@ -151,6 +153,10 @@ def _ddp_worker(rank: int, port: int, folder: str) -> None:
             if rank == 0:
                 save_file(grads, os.path.join(folder, f"shared_{shared}.safetensors"))
     finally:
+        # The wrapper's reducer goes first: freed after the process group was destroyed, it would be the last owner
+        # of the group and join gloo's threads while holding the GIL one of them may need (a hang at exit).
+        del wrapped
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from transformers import DataCollatorWithFlattening
 
+from modeling_backpack_gpt2 import BlockwiseCausalSenseSum
+
 TOLERANCE = 1e-5
 
 
@@ -118,15 +120,21 @@ def test_a_packed_sequence_longer_than_n_positions_is_refused():
 
 
 def sdpa_calls(model, **inputs) -> list[tuple[bool, bool]]:
-    """(mask given, is_causal) of every scaled_dot_product_attention call: GPT-2's layers, then the sense sum."""
+    """(mask given, is_causal) of every attention kernel call: GPT-2's layers, then the sense sum, whose unmasked
+    causal path on a CPU is the blockwise sum (no mask, causal)."""
     calls = []
-    original = F.scaled_dot_product_attention
+    original, blockwise = F.scaled_dot_product_attention, BlockwiseCausalSenseSum.apply
 
     def recording(*args, attn_mask=None, is_causal=False, **kwargs):
         calls.append((attn_mask is not None, is_causal))
         return original(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
-    with mock.patch("torch.nn.functional.scaled_dot_product_attention", recording), torch.no_grad():
+    def recording_blockwise(*args):
+        calls.append((False, True))
+        return blockwise(*args)
+
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", recording), \
+            mock.patch.object(BlockwiseCausalSenseSum, "apply", recording_blockwise), torch.no_grad():
         model(**inputs)
     return calls
 

@@ -4,16 +4,17 @@ The senses C(x) depend on the word x alone, and text repeats words: a step of 13
 corpus (256 random blocks of 512, as the trainer draws them) holds about 13 % distinct words. The data side knows
 every token id of a step before the device does, so the host lists the step's distinct words and each token's row
 among them (:func:`plan_distinct_words`), and no `torch.unique` stalls the device or breaks a graph. For a compiled
-forward the list is padded to one of a few fixed sizes (:func:`word_buckets`), so that it sees the same shapes step
-after step; an eager step takes the list as it is (padding would only add sense-network work).
+forward that computes its own table (one per micro-batch, below) the list is padded to one of a few fixed sizes
+(:func:`word_buckets`), so that it sees the same shapes step after step; otherwise the list is taken as it is
+(padding would only add sense-network work).
 
 Within an optimizer step of several micro-batches (:class:`DistinctWordSenses`):
 
-    table  = C(E words)               once per step: (words, k, d)
-    rows_m = table[index_m], detached micro-batches 1 .. M-1 read their positions' rows; their backward adds the
-                                      rows' gradient into one (words, k, d) accumulator and stops there
-    last   = table + accumulator      micro-batch M reads its rows from the table itself; its backward adds the
-                                      accumulator and goes on through the sense network: one backward per step
+    table  = C(E words)                   once per step: (words, k, d)
+    rows_m = table[index_m], detached     micro-batches 1 .. M-1 read their positions' rows; their backward adds
+                                          the rows' gradient into one (words, k, d) accumulator and stops there
+    rows_M = (table + accumulator)[index] micro-batch M reads its rows from the table itself; its backward adds
+                                          the accumulator and goes on through the sense network: one per step
 
 so every parameter gets its gradient in the step's last backward, the one DDP synchronises. An earlier micro-batch
 costs an index_add of its own positions' rows, not a (words, k, d) gradient of its own (zeroed and summed again in
@@ -229,13 +230,18 @@ class DistinctWordSenses:
 
 def _step_table_arguments(table: torch.Tensor, indices: Sequence[torch.LongTensor]) -> Iterator[dict]:
     """The forward arguments of a step's micro-batches sharing `table` (words, k, d), made as each is taken, so
-    that only the running micro-batch's rows are held."""
+    that only the running micro-batch's rows are held. Every micro-batch gets its positions' rows (batch·seq, k, d)
+    and ``sense_index`` counting them: one shape whatever the step's word count, so a compiled forward never
+    recompiles for it."""
     accumulator = torch.zeros_like(table)
     detached = table.detach().requires_grad_()  # requires grad only so that the rows' backward runs
-    for index in indices[:-1]:
+    for number, index in enumerate(indices, start=1):
+        if number < len(indices):
+            rows = _StepTableRows.apply(detached, index, accumulator)
+        else:  # the last: through the table itself, carrying the accumulator into the sense network's backward
+            rows = _CarryStashedGradient.apply(table, accumulator).index_select(0, index.flatten())
         positions = torch.arange(index.numel(), device=index.device).view_as(index)
-        yield {"sense_index": positions, "word_senses": _StepTableRows.apply(detached, index, accumulator)}
-    yield {"sense_index": indices[-1], "word_senses": _CarryStashedGradient.apply(table, accumulator)}
+        yield {"sense_index": positions, "word_senses": rows}
 
 
 def training_distinct_words(model: torch.nn.Module, train_split, batch_size: int, accumulation: int,
@@ -243,12 +249,12 @@ def training_distinct_words(model: torch.nn.Module, train_split, batch_size: int
                             autocast: Callable[[], AbstractContextManager] = nullcontext) -> DistinctWordSenses:
     """The trainer's distinct-word senses for a Backpack (`model` unwrapped): one table per optimizer step of
     `accumulation` micro-batches of `batch_size` packed blocks when `share` (no FSDP), else one per micro-batch.
-    With `static_shapes` (a compiled forward) the word lists are padded to sizes calibrated on sampled steps of
-    `train_split`; otherwise each step's list is exact."""
+    With `static_shapes` (a compiled forward) per-micro-batch word lists are padded to sizes calibrated on sampled
+    steps of `train_split`; a shared table's rows reach the forward in one shape anyway, so its list is exact."""
     shared = share and accumulation > 1
     blocks = batch_size * (accumulation if shared else 1)
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     buckets = (dataset_buckets(train_split, blocks, model.config.vocab_size, eos, seed, block_length)
-               if static_shapes else None)
+               if static_shapes and not shared else None)
     return DistinctWordSenses(buckets, model.config.vocab_size, model.backpack.word_senses if shared else None,
                               autocast)

@@ -337,7 +337,7 @@ def distinct_word_senses(run: Run, train_split) -> DistinctWordSenses | None:
         run.accelerator.unwrap_model(run.model), train_split, args.batch_size, run.layout.accumulation,
         args.n_positions + 1, args.seed, share=not plan.sharded, static_shapes=args.compile,
         autocast=run.accelerator.autocast)
-    lists = "exact word lists (eager)"
+    lists = "exact word lists"
     if distinct_words.buckets is not None:
         # Each word-list size a run meets is a graph of its own (one more in the step's last micro-batch).
         expect_graphs(torch._dynamo.config.recompile_limit + 2 * len(distinct_words.buckets))
