@@ -138,6 +138,10 @@ def run(data_args: DataArguments, args: TrainArguments, given: set[str], distrib
         model, metrics = train(args, accelerator, model, packed, tokenizer, run_config, stop_signal, resume, plan)
         metrics["wall_seconds"] = time.perf_counter() - started
         final_folder = export_final_model(accelerator, model, tokenizer, args.output_dir, run_config, metrics)
+    # The DDP wrapper goes before the process group: freed after it, its reducer would be the group's last owner and
+    # join gloo's threads while holding the GIL one of them may need (a hang at exit).
+    del model
+    accelerator.free_memory()
     accelerator.end_training()
     perplexities = [metrics[key] for key in ("start_val_perplexity", "val_perplexity") if key in metrics]
     accelerator.print(
