@@ -358,10 +358,8 @@ def bench_trainer_step(backpack, gpt2, data: TokenBatches, sizes: BenchSizes, de
     per token (`--distinct_word_senses false`) and GPT-2, interleaved; tokens per second of each."""
     micro_batches = trainer_micro_batches(data, sizes)
     tokens = sum(batch["input_ids"].numel() for batch in micro_batches)
-    # Eager, as the trainer without --compile: the step's exact word list, no padding to a bucket.
-    plan = plan_distinct_words([batch["input_ids"].numpy() for batch in micro_batches], None,
-                               backpack.config.vocab_size)
     backpack_optimizer, gpt2_optimizer = make_optimizer(backpack), make_optimizer(gpt2)
+    # Eager, as the trainer without --compile: the step's exact word list, no padding to a bucket.
     senses = trainer_distinct_words(backpack, None)
     candidates = {
         "backpack": lambda: trainer_step(backpack, backpack_optimizer, micro_batches, device, senses),
@@ -379,6 +377,7 @@ def bench_trainer_step(backpack, gpt2, data: TokenBatches, sizes: BenchSizes, de
             model.eval()
         candidates.clear()  # the optimizers' state goes with them
         gc.collect()
+    plan = senses.last_plan  # the word list the timed steps used
     results: dict = {"batch": sizes.train_batch, "seq": sizes.seq, "micro_batches": sizes.train_micro_batches,
                      "tokens_per_step": tokens, "distinct_words": plan.distinct,
                      "word_list_length": int(plan.words.numel())}
