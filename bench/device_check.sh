@@ -204,8 +204,10 @@ trainer_command() {  # trainer_command MODEL MODE [ddp|fsdp]: the argv of train/
 }
 
 trainer_run_json() {  # trainer_run_json MODEL MODE [STEP]: what the summary needs to compute MFU from the log
+  # (a STEP names an `accelerate launch` run: one process per GPU; the others run one process)
   printf '{"model": "%s", "compile": %s, "config": "%s", "n_embd": %s, "n_layer": %s, "n_head": %s, ' \
     "$1" "$([ "$2" = compiled ] && echo true || echo false)" "$TRAIN_CONFIG" "$N_EMBD" "$N_LAYER" "$N_HEAD"
+  printf '"processes": %s, ' "$([ -n "${3:-}" ] && echo "$PROCESSES" || echo 1)"
   printf '"num_senses": %s, "sense_intermediate_scale": 4, "vocab_size": 50264, "seq": %s, "batch_size": %s, ' \
     "$NUM_SENSES" "$SEQ" "$BATCH"
   printf '"tokens_per_step": %s, "max_steps": %s, "log_interval": %s, "mixed_precision": "%s", "log": "logs/%s.log"}\n' \

@@ -17,7 +17,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 from backpack.files import write_json_atomically, write_text_atomically
@@ -129,20 +129,13 @@ def golden_checks(golden: dict | None) -> list[dict]:
 # --- trainer -----------------------------------------------------------------------------------------------------
 
 
-def distinct_tokens_per_batch(batch: int, seq: int, windows: int = 8) -> int:
-    """Median number of distinct token ids in a (batch, seq) window of the embedded corpus's Wikipedia text:
-    the sense network runs once per distinct token, so the Backpack's FLOPs depend on it (as in `bench_mfu`)."""
-    from backpack_bench.data import TokenBatches
-    from configuration_backpack_gpt2 import GPT2_PADDED_VOCAB_SIZE
+def trainer_summary(folder: str, peak_tflops: float | None) -> dict:
+    """Steady tokens/s (median of the logged windows after the first, which holds compilation and warm-up), MFU,
+    and the graph breaks / recompilations the trainer's log shows.
 
-    data = TokenBatches("wiki", batch * seq * windows, GPT2_PADDED_VOCAB_SIZE)
-    return int(statistics.median(
-        data.batch(batch, seq, offset=index * batch * seq).unique().numel() for index in range(windows)))
-
-
-def trainer_summary(folder: str, peak_tflops: float | None, distinct: Callable[[int, int], int]) -> dict:
-    """Steady tokens/s (median of the logged windows after the first, which holds compilation and warm-up),
-    MFU with the benchmark's FLOP count, and the graph breaks / recompilations the trainer's log shows."""
+    `mfu` is on the model FLOPs (`training_flops_per_token`: a Backpack's sense network counted on every token, as
+    a per-token implementation runs it); `mfu_executed` on the FLOPs the trainer ran, its sense network on the
+    words per step it logged (`train/sense_network_words_per_step`, the step's distinct words)."""
     run = read_json(os.path.join(folder, "run.json")) or {}
     entry: dict = {"run": run}
     windows = []
@@ -151,7 +144,8 @@ def trainer_summary(folder: str, peak_tflops: float | None, distinct: Callable[[
             for line in handle:
                 record = json.loads(line)
                 if "train/tokens_per_second" in record:
-                    windows.append({"step": record["step"], "tokens_per_s": record["train/tokens_per_second"]})
+                    windows.append({"step": record["step"], "tokens_per_s": record["train/tokens_per_second"],
+                                    "sense_words": record.get("train/sense_network_words_per_step")})
     except (OSError, json.JSONDecodeError) as error:
         entry["error"] = f"no training log: {error}"
     entry["windows"] = windows
@@ -166,19 +160,22 @@ def trainer_summary(folder: str, peak_tflops: float | None, distinct: Callable[[
         entry["recompilations_logged"] = len(RECOMPILE.findall(text))
     entry["mfu"] = None
     if entry["tokens_per_s"] and run and peak_tflops:
-        from backpack_bench.measure import forward_flops
+        from backpack_bench.measure import training_flops_per_token
 
         config = SimpleNamespace(**{key: run[key] for key in ("n_embd", "n_layer", "vocab_size", "num_senses",
                                                               "sense_intermediate_scale")})
-        batch, seq = run["batch_size"], run["seq"]
-        try:
-            distinct_ids = distinct(batch, seq) if run["model"] == "backpack" else None
-        except Exception as error:  # no corpus or tokenizer: say why there is no MFU
-            entry["mfu_error"] = f"distinct-token count unavailable: {type(error).__name__}: {error}"
-            return entry
-        flops_per_token = 3 * forward_flops(config, batch, seq, distinct_ids) / (batch * seq)
-        entry.update(flops_per_token=flops_per_token, distinct_tokens_per_batch=distinct_ids,
-                     mfu=entry["tokens_per_s"] * flops_per_token / (peak_tflops * 1e12))
+        processes = run.get("processes", 1)
+        tokens = run["tokens_per_step"] // processes  # one process's step; tokens/s counts every process's
+        backpack = run["model"] == "backpack"
+        flops_per_token = training_flops_per_token(config, run["seq"], tokens, tokens if backpack else None)
+        device_flops = peak_tflops * 1e12 * processes
+        entry.update(flops_per_token=flops_per_token, mfu=entry["tokens_per_s"] * flops_per_token / device_flops)
+        sense_words = [w["sense_words"] for w in steady if w["sense_words"] is not None]
+        if backpack and sense_words:
+            words = statistics.median(sense_words)
+            executed = training_flops_per_token(config, run["seq"], tokens, words)
+            entry.update(sense_network_words_per_step=words, executed_flops_per_token=executed,
+                         mfu_executed=entry["tokens_per_s"] * executed / device_flops)
     return entry
 
 
@@ -205,13 +202,6 @@ def summarize(folders: Sequence[str]) -> dict:
         ratios.update({key: value for key, value in (results.get("ratios") or {}).items() if value is not None})
     summary["bench_ratios"] = ratios
 
-    cache: dict[tuple[int, int], int] = {}
-
-    def distinct(batch: int, seq: int) -> int:
-        if (batch, seq) not in cache:
-            cache[(batch, seq)] = distinct_tokens_per_batch(batch, seq)
-        return cache[(batch, seq)]
-
     trainer: dict = {}
     names = sorted({name for folder in folders if os.path.isdir(os.path.join(folder, "trainer"))
                     for name in os.listdir(os.path.join(folder, "trainer"))})
@@ -219,7 +209,7 @@ def summarize(folders: Sequence[str]) -> dict:
         folder = latest(folders, os.path.join("trainer", name))
         run = read_json(os.path.join(folder, "run.json")) or {}
         dtype = "bfloat16" if run.get("mixed_precision") == "bf16" else "float32"
-        trainer[name] = trainer_summary(folder, peak_tflops(device_name, _torch_dtype(dtype)), distinct)
+        trainer[name] = trainer_summary(folder, peak_tflops(device_name, _torch_dtype(dtype)))
     summary["trainer"] = trainer
     measured = dict(ratios)
     for mode in ("eager", "compiled"):
@@ -229,6 +219,8 @@ def summarize(folders: Sequence[str]) -> dict:
                 backpack["tokens_per_s"] / gpt2["tokens_per_s"])
         if backpack.get("mfu") is not None:
             measured[f"trainer_{mode}_backpack_mfu"] = backpack["mfu"]
+        if backpack.get("mfu_executed") is not None:
+            measured[f"trainer_{mode}_backpack_mfu_executed"] = backpack["mfu_executed"]
     summary["targets"] = [
         {"target": key, "op": op, "bound": bound, "value": measured.get(key),
          "met": compare(measured.get(key), op, bound)}
@@ -294,12 +286,16 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {row['target']} | {_fmt(row['value'])} | {row['op']} {row['bound']:g} | "
                      f"{_fmt(row['met'])} |")
     lines += ["", "## Trainer (`train/pretrain.py`)", "",
-              "| run | steady tokens/s | MFU | windows after the first | graph breaks logged | recompilations logged |",
-              "|---|---|---|---|---|---|"]
-    lines.insert(len(lines) - 2, "One recompilation of a compiled run is expected (evaluation runs without gradients, "
-                 "training with them); more mean the step recompiles as it goes.\n")
+              "| run | steady tokens/s | MFU | MFU, executed FLOPs | windows after the first | graph breaks logged "
+              "| recompilations logged |",
+              "|---|---|---|---|---|---|---|"]
+    lines.insert(len(lines) - 2, "MFU is on the model FLOPs (a Backpack's sense network counted on every token, as a "
+                 "per-token implementation runs it); the executed column counts the sense network on the distinct "
+                 "words per step the trainer logged. One recompilation of a compiled run is expected (evaluation "
+                 "runs without gradients, training with them); more mean the step recompiles as it goes.\n")
     for name, entry in summary["trainer"].items():
         lines.append(f"| {name} | {_fmt(entry.get('tokens_per_s'))} | {_fmt(entry.get('mfu'))} | "
+                     f"{_fmt(entry.get('mfu_executed'))} | "
                      f"{entry.get('steady_windows')} | {_fmt(entry.get('graph_breaks_logged'))} | "
                      f"{_fmt(entry.get('recompilations_logged'))} |")
     for name, results in summary["_bench"].items():

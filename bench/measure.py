@@ -494,20 +494,31 @@ def peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
-def forward_flops(config: GPT2Config, batch: int, seq: int, distinct_tokens: int | None) -> float:
-    """Model FLOPs of one forward (matmuls only, attention counted over the full sequence, PaLM's convention).
+def forward_flops(config: GPT2Config, batch: int, seq: int, sense_words: int | None) -> float:
+    """Model FLOPs of one forward of `batch` sequences of `seq` (matmuls only, attention counted over the full
+    sequence, PaLM's convention).
 
-    With `distinct_tokens` (a Backpack), adds the sense network (run once per distinct token), the
-    contextualization key-query layer and the weighted sense sum.
+    With `sense_words` (a Backpack: the rows its sense network runs on, `batch * seq` per token or a step's distinct
+    words), adds the sense network on them, the contextualization key-query layer and the weighted sense sum.
     """
     d, layers, vocab, tokens = config.n_embd, config.n_layer, config.vocab_size, batch * seq
     flops = tokens * (2 * 12 * d * d * layers + 2 * d * vocab + 2 * 2 * seq * d * layers)
-    if distinct_tokens is not None:
+    if sense_words is not None:
         k, scale = config.num_senses, config.sense_intermediate_scale
         sense_network = 2 * (2 * 4 * d * d + scale * d * d + scale * d * k * d)
         sense_sum = 2 * seq * d + 2 * seq * k * d  # q.k over k heads of d/k, then weights times k senses of d
-        flops += distinct_tokens * sense_network + tokens * (2 * d * 2 * d + sense_sum)
+        flops += sense_words * sense_network + tokens * (2 * d * 2 * d + sense_sum)
     return float(flops)
+
+
+def training_flops_per_token(config: GPT2Config, seq: int, tokens: int, sense_words: int | None) -> float:
+    """FLOPs per token of a training step (3x the forward) over `tokens` tokens in sequences of `seq`.
+
+    `sense_words`: the rows a Backpack's sense network runs on: `tokens` for the per-token count (the model FLOPs
+    MFU is quoted on, what a per-token implementation spends), or a step's word list for what the trainer executes;
+    None for GPT-2.
+    """
+    return 3 * forward_flops(config, tokens / seq, seq, sense_words) / tokens
 
 
 def mfu(step_seconds: float, flops_per_step: float, peak: float | None) -> float | None:
@@ -515,25 +526,34 @@ def mfu(step_seconds: float, flops_per_step: float, peak: float | None) -> float
     return None if peak is None else flops_per_step / step_seconds / (peak * 1e12)
 
 
-def bench_mfu(results: dict, backpack, gpt2, data: TokenBatches, device_name: str, dtype,
-              override: float | None) -> dict:
-    """MFU of the measured training steps (3x forward FLOPs per step): eager (`train_step`) and, when measured,
-    compiled (`train_compiled`)."""
+def bench_mfu(results: dict, backpack, gpt2, device_name: str, dtype, override: float | None) -> dict:
+    """MFU of the measured training steps: eager (`train_step`) and, when measured, compiled (`train_compiled`).
+
+    `mfu` is on the model FLOPs, the Backpack's per-token count (its sense network on every position, as the
+    published implementation runs it). The trainer's step runs the sense network on the step's distinct words only:
+    its Backpack entries add `executed_flops_per_step` and `mfu_executed`, on the word list it ran on.
+    """
     peak = override if override is not None else peak_tflops(device_name, dtype)
-    measured = results.get("train_step") or results["train_compiled"]
-    batch, seq = measured["batch"], measured["seq"]
-    distinct = int(data.batch(batch, seq, offset=7919).unique().numel())
-    flops = {
-        "backpack": 3 * forward_flops(backpack.config, batch, seq, distinct),
-        "gpt2": 3 * forward_flops(gpt2.config, batch, seq, None),
-    }
-    entry: dict = {"peak_tflops": peak, "distinct_tokens": distinct}
+    entry: dict = {"peak_tflops": peak}
     for section, suffix in (("train_step", ""), ("train_compiled", "_compiled")):
-        for name, step_flops in flops.items():
-            timing = results.get(section, {}).get(f"{name}{suffix}")
-            if timing:
-                entry[f"{name}{suffix}"] = {"flops_per_step": step_flops,
-                                            "mfu": mfu(timing["median_s"], step_flops, peak)}
+        measured = results.get(section)
+        if not measured:
+            continue
+        tokens, seq = measured["batch"] * measured["seq"], measured["seq"]
+        # the trainer's step (train_compiled) ran the sense network on the step's word list
+        words = measured.get("distinct_words", {}).get("padded_to")
+        for name, config in (("backpack", backpack.config), ("gpt2", gpt2.config)):
+            timing = measured.get(f"{name}{suffix}")
+            if not timing:
+                continue
+            per_token_words = tokens if name == "backpack" else None
+            step_flops = training_flops_per_token(config, seq, tokens, per_token_words) * tokens
+            record = {"flops_per_step": step_flops, "mfu": mfu(timing["median_s"], step_flops, peak)}
+            if name == "backpack" and words is not None:
+                executed = training_flops_per_token(config, seq, tokens, words) * tokens
+                record.update(executed_flops_per_step=executed, sense_network_words=words,
+                              mfu_executed=mfu(timing["median_s"], executed, peak))
+            entry[f"{name}{suffix}"] = record
     return entry
 
 

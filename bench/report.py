@@ -171,8 +171,12 @@ def markdown_table(results: dict) -> str:
     if utilisation:
         for suffix, label in (("", "train-step MFU"), ("_compiled", "compiled train-step MFU")):
             if f"backpack{suffix}" in utilisation and f"gpt2{suffix}" in utilisation:
-                add(label, _fmt(utilisation[f"backpack{suffix}"]["mfu"]), _fmt(utilisation[f"gpt2{suffix}"]["mfu"]),
-                    None, None)
+                backpack = utilisation[f"backpack{suffix}"]
+                add(f"{label} (model FLOPs: sense network per token)", _fmt(backpack["mfu"]),
+                    _fmt(utilisation[f"gpt2{suffix}"]["mfu"]), None, None)
+                if "mfu_executed" in backpack:
+                    add(f"{label}, executed FLOPs (sense network on the step's {backpack['sense_network_words']:,} "
+                        "words)", _fmt(backpack["mfu_executed"]), "-", None, None)
     for name, entry in (results.get("table7") or {}).items():
         if isinstance(entry, dict) and "backpack" in entry:
             add(f"Table 7 forward 32x512 {name} (s, mean)", _fmt(entry["backpack"]["mean_s"]),

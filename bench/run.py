@@ -321,7 +321,7 @@ def run_benchmarks(
             bar.set_description(f"bench {section}")
             publish(result_keys.get(section, section), steps[section]())
     if "mfu" in sections and ("train_step" in results or "train_compiled" in results):
-        publish("mfu", bench_mfu(results, backpack, gpt2, data, results["meta"]["device_name"], dtype,
+        publish("mfu", bench_mfu(results, backpack, gpt2, results["meta"]["device_name"], dtype,
                                  args.peak_tflops))
     if "table7" in sections:
         del backpack, gpt2  # make room for the larger sizes

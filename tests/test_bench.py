@@ -60,6 +60,11 @@ def test_bench_runs_and_writes_every_key(tmp_path, capsys):
     # The trainer's step with distinct-word senses (2 micro-batches, one table), and the per-token path beside it.
     assert results["train_compiled"]["micro_batches"] == 2 and results["train_compiled"]["distinct_words"]["words"] > 0
     assert results["train_compiled"]["backpack_per_token_eager"]["median_s"] > 0
+    # MFU is on the per-token model FLOPs; the Backpack's executed FLOPs count the step's word list instead.
+    compiled_mfu = results["mfu"]["backpack_compiled"]
+    assert compiled_mfu["sense_network_words"] == results["train_compiled"]["distinct_words"]["padded_to"]
+    assert 0 < compiled_mfu["executed_flops_per_step"] <= compiled_mfu["flops_per_step"]
+    assert "executed_flops_per_step" not in results["mfu"]["gpt2_compiled"]
     trainer = results["trainer"]
     assert trainer["tokens_per_step"] == 64 and trainer["micro_batches"] == 2
     for name in ("backpack", "backpack_per_token", "gpt2"):
@@ -110,7 +115,7 @@ def test_backpack_flops_exceed_gpt2():
     from backpack_bench.configs import backpack_config
 
     config = backpack_config("micro")
-    assert forward_flops(config, 2, 512, distinct_tokens=300) > forward_flops(config, 2, 512, distinct_tokens=None)
+    assert forward_flops(config, 2, 512, sense_words=300) > forward_flops(config, 2, 512, sense_words=None)
 
 
 def test_real_text_tokens():
@@ -159,30 +164,44 @@ def test_a_failing_generation_variant_records_its_error_instead_of_a_number():
     assert entry == {"error": "ValueError: static cache not supported"}
 
 
-def test_trainer_summary_takes_the_steady_windows_and_the_bench_flop_count(tmp_path):
+def test_trainer_summary_takes_the_steady_windows_and_reports_mfu_on_model_and_executed_flops(tmp_path):
     from backpack_bench.configs import backpack_config
     from backpack_bench.device_summary import trainer_summary
 
-    folder = tmp_path / "trainer" / "compiled_backpack"
-    folder.mkdir(parents=True)
-    run = {"model": "backpack", "n_embd": 384, "n_layer": 6, "num_senses": 16, "sense_intermediate_scale": 4,
-           "vocab_size": 50264, "seq": 512, "batch_size": 8, "mixed_precision": "bf16",
-           "log": "logs/trainer_compiled_backpack.log"}
-    (folder / "run.json").write_text(json.dumps(run))
-    windows = [1000.0, 5000.0, 7000.0, 6000.0]  # the first window holds the compilation
-    (folder / "log_history.jsonl").write_text("\n".join(
-        [json.dumps({"step": 0, "val/loss": 10.0})]
-        + [json.dumps({"step": 5 * (i + 1), "train/tokens_per_second": w}) for i, w in enumerate(windows)]) + "\n")
+    def trainer_folder(name: str, processes: int) -> str:
+        folder = tmp_path / "trainer" / name
+        folder.mkdir(parents=True)
+        run = {"model": "backpack", "n_embd": 384, "n_layer": 6, "num_senses": 16, "sense_intermediate_scale": 4,
+               "vocab_size": 50264, "seq": 512, "batch_size": 8, "tokens_per_step": 16384, "processes": processes,
+               "mixed_precision": "bf16", "log": f"logs/trainer_{name}.log"}
+        (folder / "run.json").write_text(json.dumps(run))
+        windows = [(1000.0, 5000), (5000.0, 2900), (7000.0, 3100), (6000.0, 3000)]  # the first: compilation
+        (folder / "log_history.jsonl").write_text("\n".join(
+            [json.dumps({"step": 0, "val/loss": 10.0})]
+            + [json.dumps({"step": 5 * (i + 1), "train/tokens_per_second": rate,
+                           "train/sense_network_words_per_step": words})
+               for i, (rate, words) in enumerate(windows)]) + "\n")
+        return str(folder)
+
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "trainer_compiled_backpack.log").write_text(
         "V1 [0/1] [__recompiles] Recompiling function forward in x.py:1\n"
         "V1 [0/0] [__graph_breaks] Graph break in user code at x.py:3\n"
         "V1 [0/0] [__graph_breaks] Graph Break Reason: ...\n")
-    entry = trainer_summary(str(folder), 989.0, lambda batch, seq: 1500)
+    entry = trainer_summary(trainer_folder("compiled_backpack", 1), 989.0)
     assert entry["tokens_per_s"] == 6000.0 and entry["steady_windows"] == 3
     assert (entry["graph_breaks_logged"], entry["recompilations_logged"]) == (1, 1)
-    flops_per_token = 3 * forward_flops(backpack_config("micro"), 8, 512, 1500) / (8 * 512)
-    assert math.isclose(entry["mfu"], 6000.0 * flops_per_token / 989e12)
+    # MFU on the model FLOPs: the sense network on all 16,384 tokens of the step (32 blocks of 512) ...
+    per_token = 3 * forward_flops(backpack_config("micro"), 32, 512, 16384) / 16384
+    assert math.isclose(entry["mfu"], 6000.0 * per_token / 989e12)
+    # ... and beside it on what ran: the sense network on the step's 3,000 distinct words (median of the steady)
+    executed = 3 * forward_flops(backpack_config("micro"), 32, 512, 3000) / 16384
+    assert entry["sense_network_words_per_step"] == 3000
+    assert math.isclose(entry["mfu_executed"], 6000.0 * executed / 989e12) and entry["mfu_executed"] < entry["mfu"]
+    # two processes: each one's step is half the tokens, and the tokens/s are spread over two devices
+    two = trainer_summary(trainer_folder("ddp_compiled_backpack", 2), 989.0)
+    half_step = 3 * forward_flops(backpack_config("micro"), 16, 512, 3000) / 8192
+    assert math.isclose(two["mfu_executed"], 6000.0 * half_step / (2 * 989e12))
 
 
 def test_device_check_smoke_runs_every_step(tmp_path):

@@ -97,6 +97,8 @@ def test_without_dropout_a_step_has_the_per_token_losses_and_gradients(shared):
     senses = DistinctWordSenses((32, 64), VOCAB, model.backpack.word_senses if shared else None)
     loss = step_gradients(model, batches, distinct_words=senses)
     assert senses.last_plan.words.shape == ((64,) if shared else (32,))
+    # What the sense network ran on (the trainer logs it per step): one padded list, or one per micro-batch.
+    assert senses.words_computed == (64 if shared else 3 * 32)
     assert torch.allclose(loss, expected_loss, rtol=1e-6)
     assert_same_gradients(expected, gradients(model))
 

@@ -78,6 +78,9 @@ def test_short_run_lowers_loss_and_exports_a_loadable_folder(backpack_run):
     assert sum(losses[s] for s in (8, 9, 10)) < sum(losses[s] for s in (1, 2, 3)) - 0.3
     validation = history(backpack_run, "val/loss")
     assert validation[10] < validation[0]
+    # The sense network ran once per distinct word of each 256-token step (real text repeats words).
+    sense_words = history(backpack_run, "train/sense_network_words_per_step")
+    assert sorted(sense_words) == list(range(1, 11)) and all(0 < words < 256 for words in sense_words.values())
 
     folder = backpack_run / "model"
     for name in ("model.safetensors", "config.json", "configuration_backpack_gpt2.py", "modeling_backpack_gpt2.py",
@@ -171,6 +174,7 @@ def test_gpt2_baseline_trains_and_exports(tmp_path, data_cache):
         data_cache)
     losses = history(tmp_path)
     assert sum(losses[s] for s in (8, 9, 10)) < sum(losses[s] for s in (1, 2, 3)) - 0.3
+    assert not history(tmp_path, "train/sense_network_words_per_step")  # GPT-2 has no sense network
     loaded = load_and_generate(tmp_path / "model")
     assert loaded["class"] == "GPT2LMHeadModel" and loaded["text"].startswith("The history of")
 

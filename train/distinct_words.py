@@ -196,6 +196,8 @@ class DistinctWordSenses:
         self.word_senses = word_senses
         self.autocast = autocast
         self.last_plan: WordPlan | None = None  # for reports: the most recent step's word list
+        # Rows the sense network has run on (bucket padding included), every step so far: its executed FLOPs.
+        self.words_computed = 0
 
     def forward_arguments(self, micro_batches: Sequence[dict],
                           device: torch.device | str | None = None) -> Iterator[dict]:
@@ -217,10 +219,12 @@ class DistinctWordSenses:
             for ids in host:
                 plan = plan_distinct_words([ids], self.buckets, self.vocab_size, device)
                 arguments.append({"sense_index": plan.indices[0], "sense_words": plan.words})
+                self.words_computed += plan.words.numel()
             self.last_plan = plan
             return iter(arguments)
         plan = plan_distinct_words(host, self.buckets, self.vocab_size, device)
         self.last_plan = plan
+        self.words_computed += plan.words.numel()
         with self.autocast():
             table = self.word_senses(plan.words)
             if device.type != "meta" and torch.is_autocast_enabled(device.type):  # float32 parameters: the table's

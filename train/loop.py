@@ -348,16 +348,32 @@ def distinct_word_senses(run: Run, train_split) -> DistinctWordSenses | None:
 
 
 class Throughput:
-    """Tokens per second over the steps since the last log line."""
+    """Tokens per second, and the words the sense network ran on per step, over the steps since the last log line.
 
-    def __init__(self):
+    The words per step (this process's, bucket padding included) are what the Backpack's sense network executed:
+    with the tokens they give its FLOPs per token (`bench/device_summary.py` reports the MFU on both counts).
+    """
+
+    def __init__(self, distinct_words: DistinctWordSenses | None = None):
+        self.distinct_words = distinct_words
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.tokens = time.perf_counter(), 0
+        self.start, self.tokens, self.steps = time.perf_counter(), 0, 0
+        self.words_before = self.distinct_words.words_computed if self.distinct_words is not None else 0
+
+    def add_step(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
 
     def per_second(self) -> float:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def sense_words_per_step(self) -> float | None:
+        """None when the sense network runs per token (GPT-2, or `--distinct_word_senses false`)."""
+        if self.distinct_words is None or self.steps == 0:
+            return None
+        return (self.distinct_words.words_computed - self.words_before) / self.steps
 
 
 def fit(run: Run, train_split, stop_signal: StopOnSignal) -> str | None:
@@ -371,12 +387,12 @@ def fit(run: Run, train_split, stop_signal: StopOnSignal) -> str | None:
     feed = StepFeed(run, train_split, stop_signal)
     distinct_words = distinct_word_senses(run, train_split)
     micro_batches, step_targets, stop = feed.next_step() if state.step < last_stop else ([], 0, False)
-    started, window = time.perf_counter(), Throughput()
+    started, window = time.perf_counter(), Throughput(distinct_words)
     stop_reason = feed.stop_reason() if stop else None
     while state.step < last_stop and stop_reason is None:
         targets = step_targets
         loss_sum = train_step(run, micro_batches, targets, distinct_words)
-        window.tokens += run.tokens_per_step
+        window.add_step(run.tokens_per_step)
         run.progress.update(1)
         faults.at("after", "step")
         if state.step < last_stop:
@@ -435,6 +451,8 @@ def log_step(run: Run, loss_sum: torch.Tensor, targets: int, window: Throughput)
     step_loss = run.accelerator.reduce(loss_sum, reduction="sum").item() / max(targets, 1)
     record = {"train/loss": step_loss, "train/lr": run.scheduler.get_last_lr()[0],
               "train/tokens_per_second": window.per_second(), "train/tokens": run.state.tokens}
+    if (sense_words := window.sense_words_per_step()) is not None:
+        record["train/sense_network_words_per_step"] = sense_words
     run.history.write(record, step=run.state.step)
     run.progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['train/lr']:.2e}",
                              tok_s=f"{record['train/tokens_per_second']:,.0f}")
