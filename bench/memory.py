@@ -7,10 +7,11 @@ seq, seq) tensor. Materialised = the same model called with `output_contextualiz
 
 CPU: each case runs in a fresh subprocess (so one case's allocator state cannot leak into another) with
 `MALLOC_MMAP_THRESHOLD_` fixed, so that large blocks are returned to the OS when freed and the resident set
-follows live memory. The high-water mark `VmHWM` is reset (`/proc/self/clear_refs`) just before the measured
-step; "step peak" is that high-water mark minus the resident set just before the step (weights and AdamW state,
-after a warm-up step). CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus
-`memory_allocated` before the step.
+follows live memory; the heap's free pages are handed back (`malloc_trim`) just before the measured step, so that
+freed blocks still resident cannot hide the step's growth. The high-water mark `VmHWM` is reset
+(`/proc/self/clear_refs`) just before the measured step; "step peak" is that high-water mark minus the resident set
+just before the step (weights and AdamW state, after a warm-up step). CUDA: `torch.cuda.max_memory_allocated` after
+`reset_peak_memory_stats`, minus `memory_allocated` before the step.
 
 Run as a script, it measures one case given as JSON and prints the result as JSON on its last line.
 """
@@ -59,6 +60,22 @@ def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
         import ctypes
 
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def release_free_heap() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`), so that the resident set is live memory.
+
+    Blocks freed before the fixed mmap threshold took effect (or by an earlier step of this process) stay in the
+    heap, resident: a step that reuses them does not grow the resident set, and its peak would read as 0 when
+    measured in-process. False off glibc.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
     except (OSError, AttributeError):
         return False
 
@@ -123,6 +140,7 @@ def train_step_peak(
         torch.cuda.synchronize()
         peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
+        release_free_heap()
         baseline = current_rss_bytes()
         method = "VmHWM after clear_refs reset" if reset_rss_peak() else "ru_maxrss (process lifetime)"
         train_step(model, optimizer, ids, **kwargs)

@@ -142,6 +142,33 @@ def test_partial_results_are_published_after_every_section():
     assert partials[-1]["forward_ratio_backpack_over_gpt2"] == final["forward_ratio_backpack_over_gpt2"]
 
 
+FRAGMENTED_HEAP_STEP_PEAK = """
+import gc, json, sys, torch
+from backpack_bench.memory import train_step_peak
+torch.empty(30 * 2**20 // 4)  # freed at once: glibc's mmap threshold rises to 30 MB
+blocks, kept = [], []
+for _ in range(60):  # 480 MB of blocks from the heap, pinned apart by small ones that stay
+    blocks.append(torch.ones(8 * 2**20 // 4))
+    kept.append(torch.ones(1000))
+del blocks
+gc.collect()  # the heap's free blocks are still resident
+print(json.dumps(train_step_peak("tiny", 256, 1, sys.argv[1], data="random")))
+"""
+
+
+def test_in_process_step_peak_is_not_hidden_by_freed_heap_blocks():
+    """`--no-isolate` measures in a process whose heap holds freed, still resident blocks (earlier sections): a
+    step reusing them must still show its growth, as in a fresh process, not read as 0."""
+    peaks = {}
+    for path in ("fused", "materialized"):
+        completed = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP_STEP_PEAK, path], cwd=REPO,
+                                   capture_output=True, text=True, timeout=300, check=False)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        peaks[path] = json.loads(completed.stdout.strip().splitlines()[-1])["step_peak_bytes"]
+    logits = 256 * 50_264 * 4  # one float32 copy of the step's logits, far above the mmap threshold
+    assert peaks["fused"] > logits and peaks["materialized"] > logits
+
+
 def test_size_overrides_take_the_field_type_and_reject_bad_input():
     sizes = override_sizes(BenchSizes(), ["generate_reps=1", "generate_batches=1,8", "table7_configs=micro",
                                           "trainer_candidates=gpt2,backpack"])
