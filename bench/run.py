@@ -236,8 +236,9 @@ def run_metadata(
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": args.attn,
         "data": args.data,
-        "data_note": ("real text: GPT-2 tokens of gensim's shipped sample; the Backpack's sense network "
-                      "runs once per distinct token") if args.data != "random" else "uniform random token ids",
+        "data_note": ("real text: GPT-2 tokens of gensim's shipped sample; the Backpack's sense network runs "
+                      "once per distinct token in eager CPU inference and the trainer's step")
+        if args.data != "random" else "uniform random token ids",
         "distinct_token_fraction": {
             f"{sizes.forward_batch}x{sizes.seq}": data.distinct_fraction(sizes.forward_batch, sizes.seq)
         } if data is not None else {},
