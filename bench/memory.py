@@ -51,17 +51,24 @@ def reset_rss_peak() -> bool:
         return False
 
 
+def _glibc():
+    """The C library's handle when it is glibc (its malloc tunables below), else None."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     """Make glibc serve blocks above `threshold` with mmap and unmap them on free (no dynamic threshold).
 
     Freed activations then leave the resident set at once, so it follows live memory. False off glibc.
     """
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
 
 
 def release_free_heap() -> bool:
@@ -71,13 +78,11 @@ def release_free_heap() -> bool:
     heap, resident: a step that reuses them does not grow the resident set, and its peak would read as 0 when
     measured in-process. False off glibc.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
+    libc.malloc_trim(0)
+    return True
 
 
 def current_rss_bytes() -> int:

@@ -339,7 +339,7 @@ def distinct_word_senses(run: Run, train_split) -> DistinctWordSenses | None:
         autocast=run.accelerator.autocast)
     lists = "exact word lists"
     if distinct_words.buckets is not None:
-        # Each word-list size a run meets is a graph of its own (one more in the step's last micro-batch).
+        # Each word-list size a run meets is a graph of its own; the limit allows twice that many.
         expect_graphs(torch._dynamo.config.recompile_limit + 2 * len(distinct_words.buckets))
         lists = f"word lists padded to {' / '.join(f'{size:,}' for size in distinct_words.buckets)} words"
     run.accelerator.print(f"distinct-word senses: the sense network runs once per distinct word of each "
